@@ -212,6 +212,11 @@ class ContainerReader:
                 f"{actual_sum})",
                 check="header",
             )
+        if header[257:265] == b"ustar  \0":
+            raise ContainerError(
+                f"{where}: GNU tar format is not supported (bundles are POSIX ustar)",
+                check="header",
+            )
         if header[257:263] != b"ustar\0" or header[263:265] != b"00":
             raise ContainerError(
                 f"{where}: not a POSIX ustar header (magic {header[257:265]!r})", check="header"
@@ -291,6 +296,13 @@ class ContainerReader:
         return data
 
 
+@dataclass
+class _OpenMember:
+    name: str
+    size: int
+    written: int = 0
+
+
 class ContainerWriter:
     """Write a strict-USTAR container: regular files only, fixed owner, mode and time.
 
@@ -300,7 +312,7 @@ class ContainerWriter:
     def __init__(self, stream: BinaryIO) -> None:
         self._stream = stream
         self._names: set[str] = set()
-        self._open: list = ["", 0, 0]  # name, declared size, bytes written  # type: ignore[type-arg]
+        self._open = _OpenMember("", 0)
 
     def _header(self, name: str, size: int) -> None:
         check_relative_path(name, what="member")
@@ -365,21 +377,22 @@ class ContainerWriter:
         Call :meth:`end_member` once exactly ``size`` bytes have been written.
         """
         self._header(name, size)
-        self._open = [name, size, 0]
+        self._open = current = _OpenMember(name, size)
 
         def write(data: memoryview | bytes) -> None:
-            self._open[2] += len(data)
+            current.written += len(data)
             self._stream.write(data)
 
         return write
 
     def end_member(self) -> None:
         """Finish the member started by :meth:`begin_member` (checks its size, pads the block)."""
-        name, size, written = self._open
-        if written != size:
-            raise ContainerError(f"{name!r}: wrote {written} bytes, declared {size}")
-        self._pad(size)
-        self._open = ["", 0, 0]
+        current = self._open
+        if current.written != current.size:
+            raise ContainerError(
+                f"{current.name!r}: wrote {current.written} bytes, declared {current.size}"
+            )
+        self._pad(current.size)
 
     def close(self) -> None:
         """Write the end-of-archive marker (two zero blocks). Does not close the stream."""

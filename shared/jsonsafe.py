@@ -100,3 +100,5 @@ def load_json(data: bytes, *, what: str, max_bytes: int, max_depth: int = MAX_DE
         raise ManifestError(
             f"{what}: invalid JSON ({e.msg} at line {e.lineno} column {e.colno})", check="json"
         ) from e
+    except ValueError as e:  # e.g. an integer longer than Python's 4300-digit conversion limit
+        raise ManifestError(f"{what}: invalid JSON ({e})", check="json") from e

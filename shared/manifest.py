@@ -172,7 +172,7 @@ class Manifest(ModelSpec):
 
     format: Literal["edgefleet-bundle"]
     format_version: str = Field(pattern=r"^\d{1,4}\.\d{1,4}$")
-    name: str = Field(pattern=NAME_PATTERN)  # type: ignore[assignment]
+    name: str = Field(pattern=NAME_PATTERN)
     version: str = Field(pattern=VERSION_PATTERN)
     files: list[FileEntry] = Field(max_length=10_000)
 

@@ -123,7 +123,9 @@ class ReleaseInfo:
         Raises:
             ManifestError: the target's custom fields are missing or of the wrong type.
         """
-        custom = (target.unrecognized_fields.get("custom") or {}).get(CUSTOM_KEY)
+        custom: dict[str, Any] = (target.unrecognized_fields.get("custom") or {}).get(
+            CUSTOM_KEY
+        ) or {}
         try:
             return cls(
                 name=str(custom["name"]),
@@ -192,14 +194,16 @@ def sign_release(
         )
     others = [r for r in _releases_of(targets, manifest.name) if r.version != manifest.version]
     latest = max((r.counter for r in others), default=0)
-    if existing is not None:  # signing the same release again (new expiry, rotated keys)
-        kept = ReleaseInfo.from_target(existing)
+    # Signing the same release again (new expiry, rotated keys) keeps its terms by default.
+    kept = ReleaseInfo.from_target(existing) if existing is not None else None
+    if kept is not None:
         counter = kept.counter if counter is None else counter
         rollback_floor = kept.rollback_floor if rollback_floor is None else rollback_floor
     counter = latest + 1 if counter is None else counter
     if rollback_floor is None:
         rollback_floor = latest if others else counter
-    if counter < latest:
+    resigning_as_is = kept is not None and counter == kept.counter
+    if counter < latest and not resigning_as_is:
         raise KeyStoreError(
             f"counter {counter} is below {manifest.name}'s latest release counter {latest}",
             check="counter",
@@ -248,13 +252,17 @@ class _BundleFetcher(FetcherInterface):
         return iter([self._files[name]])
 
 
-def _translate(err: Exception, what: str) -> TrustError:
+def _translate(err: Exception, what: str) -> TrustError:  # noqa: PLR0911 (one per error kind)
     """Turn a python-tuf error into edgefleet's tree, keeping tuf's factual message."""
     text = str(err) or type(err).__name__
     if isinstance(err, tuf_errors.ExpiredMetadataError):
         return ExpiredError(f"{what}: metadata expired ({text})")
     if isinstance(err, tuf_errors.BadVersionNumberError):
-        return RollbackError(f"{what}: metadata version rollback ({text})")
+        return RollbackError(
+            f"{what}: metadata version check failed: rollback or mix-and-match ({text})"
+        )
+    if isinstance(err, tuf_errors.DownloadLengthMismatchError):
+        return SignatureError(f"{what}: signed metadata too large ({text})", check="size")
     if isinstance(err, tuf_errors.UnsignedMetadataError):
         return SignatureError(
             f"{what}: signature check failed ({text}; threshold not met or key "
@@ -451,6 +459,12 @@ def verify_deployment(
         md = Metadata[Targets].from_bytes(data)
     except Exception as e:  # python-tuf raises DeserializationError for any malformation
         raise SignatureError(f"deployment order: malformed ({e})", check="metadata") from e
+    try:
+        payload = md.signed_bytes
+    except Exception as e:  # e.g. floats, which canonical JSON cannot encode
+        raise SignatureError(
+            f"deployment order: cannot be canonicalised ({e})", check="metadata"
+        ) from e
     keyids, threshold = role_keys(root, DIRECTOR)
     valid = 0
     for keyid in keyids:
@@ -458,7 +472,7 @@ def verify_deployment(
         if signature is None:
             continue
         try:
-            root.keys[keyid].verify_signature(signature, md.signed_bytes)
+            root.keys[keyid].verify_signature(signature, payload)
             valid += 1
         except UnverifiedSignatureError:
             continue
