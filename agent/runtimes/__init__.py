@@ -1,0 +1,1 @@
+"""What the device can run on: its hardware inventory and the ML runtime backends."""
