@@ -10,7 +10,8 @@ from rich.console import Console
 
 __all__ = ["console", "err_console", "fail", "print_json"]
 
-console = Console(highlight=False, soft_wrap=True)
+# Tables stay readable when output goes to a file or a CI log (Rich assumes 80 columns there).
+console = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 160)
 err_console = Console(stderr=True, highlight=False)
 
 

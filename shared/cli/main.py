@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import typer
 
+from agent import cli as agent_cli
 from shared.cli import bundle, demo, keys, models
 from shared.cli.common import fail
 from shared.errors import EdgefleetError, UsageError
@@ -25,6 +26,7 @@ app = typer.Typer(
 app.add_typer(models.app, name="models")
 app.add_typer(keys.app, name="keys")
 app.add_typer(bundle.app, name="bundle")
+app.add_typer(agent_cli.app, name="agent")
 app.command("demo")(demo.demo)
 
 
