@@ -85,14 +85,20 @@ class BundleHeader:
 # -- building ------------------------------------------------------------------------------------
 
 
-def _sha256_file(path: Path) -> tuple[int, str]:
-    digest = hashlib.sha256()
+DEFAULT_CHUNK_SIZE = 256 * 1024  # transfer/dedup unit recorded in the manifest
+
+
+def _hash_file(path: Path, chunk_size: int) -> tuple[int, str, list[str]]:
+    """Size, SHA-256 and per-chunk SHA-256s of a file, in one read pass."""
+    whole = hashlib.sha256()
+    chunks: list[str] = []
     size = 0
     with path.open("rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-            size += len(chunk)
-    return size, digest.hexdigest()
+        while piece := f.read(chunk_size):
+            whole.update(piece)
+            chunks.append(hashlib.sha256(piece).hexdigest())
+            size += len(piece)
+    return size, whole.hexdigest(), chunks
 
 
 def _model_files(model_dir: Path) -> list[str]:
@@ -121,7 +127,14 @@ def encode_manifest(manifest: Manifest) -> bytes:
     return (json.dumps(data, indent=2, sort_keys=True) + "\n").encode()
 
 
-def build_bundle(model_dir: Path, *, name: str | None, version: str, out: Path) -> Manifest:
+def build_bundle(
+    model_dir: Path,
+    *,
+    name: str | None,
+    version: str,
+    out: Path,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> Manifest:
     """Package ``model_dir`` (a ``model.json`` plus the files it names) into one bundle file.
 
     Every regular file in the directory goes into the bundle and the manifest; symlinks and
@@ -143,8 +156,8 @@ def build_bundle(model_dir: Path, *, name: str | None, version: str, out: Path) 
     paths = _model_files(model_dir)
     entries = []
     for rel in paths:
-        size, digest = _sha256_file(model_dir / rel)
-        entries.append({"path": rel, "size": size, "sha256": digest})
+        size, digest, chunks = _hash_file(model_dir / rel, chunk_size)
+        entries.append({"path": rel, "size": size, "sha256": digest, "chunks": chunks})
     fields = spec.model_dump(mode="json", exclude_none=True)
     fields.update(
         format=FORMAT_NAME,
@@ -152,6 +165,7 @@ def build_bundle(model_dir: Path, *, name: str | None, version: str, out: Path) 
         name=bundle_name,
         version=version,
         files=entries,
+        chunk_size=chunk_size,
     )
     try:
         manifest = Manifest.model_validate(fields)

@@ -49,7 +49,7 @@ __all__ = [
 ]
 
 FORMAT_NAME = "edgefleet-bundle"
-FORMAT_VERSION = "1.0"  # major.minor: a reader refuses a higher major, accepts any minor
+FORMAT_VERSION = "1.1"  # major.minor: a reader refuses a higher major, accepts any minor
 MANIFEST_MAX_BYTES = 1 << 20
 KNOWN_FORMATS = ("onnx", "openvino", "tflite")
 DTYPES = (
@@ -150,21 +150,29 @@ class ModelSpec(_Value):
         return paths
 
 
+def _check_sha256(value: str) -> str:
+    if not _SHA256.match(value):
+        raise ValueError(f"sha256 must be 64 lowercase hex digits, got {value[:80]!r}")
+    return value
+
+
 class FileEntry(_Value):
-    """One payload file: its path inside the bundle, exact size and SHA-256 (lowercase hex)."""
+    """One payload file: path inside the bundle, exact size, SHA-256 (lowercase hex) and,
+    from format 1.1, the SHA-256 of each ``chunk_size`` piece (for resumable, deduplicated
+    transfer; the last piece may be shorter)."""
 
     path: str
     size: int = Field(ge=0, lt=1 << 40)
     sha256: str
+    chunks: list[str] | None = Field(default=None, max_length=1 << 16)
 
     _path = field_validator("path")(lambda cls, v: _safe_path(v))
+    _hex = field_validator("sha256")(lambda cls, v: _check_sha256(v))
 
-    @field_validator("sha256")
+    @field_validator("chunks")
     @classmethod
-    def _hex(cls, value: str) -> str:
-        if not _SHA256.match(value):
-            raise ValueError(f"sha256 must be 64 lowercase hex digits, got {value[:80]!r}")
-        return value
+    def _chunk_hex(cls, value: list[str] | None) -> list[str] | None:
+        return None if value is None else [_check_sha256(c) for c in value]
 
 
 class Manifest(ModelSpec):
@@ -175,6 +183,7 @@ class Manifest(ModelSpec):
     name: str = Field(pattern=NAME_PATTERN)
     version: str = Field(pattern=VERSION_PATTERN)
     files: list[FileEntry] = Field(max_length=10_000)
+    chunk_size: int | None = Field(default=None, ge=4096, le=64 << 20)
 
     @field_validator("format_version")
     @classmethod
@@ -198,6 +207,17 @@ class Manifest(ModelSpec):
         missing = [p for p in self.referenced_files() if p not in listed]
         if missing:
             raise ValueError(f"referenced files are not in the file list: {missing}")
+        for entry in self.files:
+            if entry.chunks is None:
+                continue
+            if self.chunk_size is None:
+                raise ValueError(f"file {entry.path!r} lists chunks but chunk_size is not set")
+            expected = -(-entry.size // self.chunk_size)
+            if len(entry.chunks) != expected:
+                raise ValueError(
+                    f"file {entry.path!r}: {entry.size} bytes in chunks of {self.chunk_size} "
+                    f"needs {expected} chunk hashes, got {len(entry.chunks)}"
+                )
         return self
 
     @property

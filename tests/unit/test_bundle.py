@@ -38,6 +38,17 @@ def test_build_lists_every_file_with_size_and_sha256(bundle_path, model_dir):
     check(bundle_path)
 
 
+def test_build_records_chunk_hashes_for_transfer(tmp_path):
+    payload = os.urandom(10_000)
+    root = make_model_dir(tmp_path / "m", payload=payload)
+    manifest = build_bundle(root, name="c", version="1", out=tmp_path / "c.bundle", chunk_size=4096)
+    entry = manifest.file("onnx/model.onnx")
+    assert manifest.chunk_size == 4096
+    assert entry.chunks == [
+        hashlib.sha256(payload[i : i + 4096]).hexdigest() for i in range(0, 10_000, 4096)
+    ]
+
+
 def test_member_order_is_manifest_then_payload(bundle_path):
     names = [info.name for info, _ in read_entries(bundle_path)]
     assert names == ["manifest.json"] + [f"payload/{p}" for p in PAYLOAD_FILES]

@@ -46,7 +46,7 @@ def test_unknown_fields_and_newer_minor_version_are_ignored():
     # An older agent must read a newer bundle of the same major version.
     doc = manifest(format_version="1.7", delta_chunks={"m.onnx": []})
     doc["artifacts"][0]["npu_hint"] = "fast"
-    doc["files"][0]["chunks"] = [{"size": 10, "sha256": SHA}]
+    doc["files"][0]["xor_delta"] = [{"size": 10, "sha256": SHA}]
     doc["artifacts"].append({"format": "coreml", "precision": "fp16", "files": ["m.onnx"]})
     parsed = parse_manifest(encode(doc))
     assert [a.format for a in parsed.artifacts] == ["onnx", "coreml"]
@@ -88,6 +88,25 @@ def test_invalid_manifests_are_refused_with_the_field_named(change, message):
         parse_manifest(encode(manifest(**change)))
     assert message in str(info.value)
     assert str(info.value).startswith("manifest.json: ")
+
+
+def test_chunk_hashes_must_cover_the_file_exactly():
+    ok = manifest(
+        chunk_size=4096,
+        files=[{"path": "m.onnx", "size": 8193, "sha256": SHA, "chunks": [SHA, SHA, SHA]}],
+    )
+    assert parse_manifest(encode(ok)).files[0].chunks == [SHA] * 3
+    short = manifest(
+        chunk_size=4096,
+        files=[{"path": "m.onnx", "size": 8193, "sha256": SHA, "chunks": [SHA, SHA]}],
+    )
+    with pytest.raises(
+        ManifestError, match="8193 bytes in chunks of 4096 needs 3 chunk hashes, got 2"
+    ):
+        parse_manifest(encode(short))
+    unsized = manifest(files=[{"path": "m.onnx", "size": 10, "sha256": SHA, "chunks": [SHA]}])
+    with pytest.raises(ManifestError, match="chunk_size is not set"):
+        parse_manifest(encode(unsized))
 
 
 def test_size_cap_applies_before_parsing():

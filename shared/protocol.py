@@ -1,0 +1,280 @@
+"""The agent <-> fleet protocol over MQTT: topics, payloads and the binary frame for data.
+
+Every device topic lives under ``edgefleet/v1/devices/<device_id>/`` so one broker ACL pattern
+(``%u``) confines each device to its own topics:
+
+==========================  =========  ======================================================
+topic (under the prefix)     direction  payload
+==========================  =========  ======================================================
+``up/presence``              device →   :class:`Presence` (also the last will, ``online: false``)
+``up/state``                 device →   :class:`ReportedState`
+``up/events``                device →   :class:`DeploymentEvent`
+``up/telemetry``             device →   :class:`Telemetry`
+``up/fetch``                 device →   :class:`FetchRequest`
+``down/cmd``                 → device   :class:`Command` (a hint; only signed data is obeyed)
+``down/fetch``               → device   frame (:func:`encode_frame`): :class:`FetchResponse`+bytes
+``infer/request``            app →      :class:`InferRequest`
+``infer/response/<app>``     → app      :class:`InferResponse`
+==========================  =========  ======================================================
+
+No message is retained and nothing depends on messages queued while a device was offline: after
+any (re)connect the agent reports its state and asks for fresh signed metadata.
+
+JSON payloads are parsed with the same bounds as every other input (:mod:`shared.jsonsafe`) and
+validated by pydantic models that ignore unknown fields (forward compatibility).
+
+>>> device_topic("dev-001", UP_STATE)
+'edgefleet/v1/devices/dev-001/up/state'
+>>> header, data = decode_frame(encode_frame(FetchResponse(request_id="r1", kind="chunk"), b"xy"))
+>>> (header.request_id, data)
+('r1', b'xy')
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import struct
+from datetime import datetime
+from typing import Any, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from shared.errors import ManifestError
+from shared.jsonsafe import load_json
+from shared.manifest import describe_validation_error
+
+__all__ = [
+    "DEVICE_ID_PATTERN",
+    "DOWN_CMD",
+    "DOWN_FETCH",
+    "INFER_REQUEST",
+    "INFER_RESPONSE",
+    "PREFIX",
+    "UP_EVENTS",
+    "UP_FETCH",
+    "UP_PRESENCE",
+    "UP_STATE",
+    "UP_TELEMETRY",
+    "ChunkRef",
+    "Command",
+    "DeploymentEvent",
+    "FetchRequest",
+    "FetchResponse",
+    "InferRequest",
+    "InferResponse",
+    "ModelState",
+    "Presence",
+    "ProtocolError",
+    "ReportedState",
+    "Telemetry",
+    "decode_frame",
+    "device_topic",
+    "encode_frame",
+    "parse_device_topic",
+    "parse_payload",
+]
+
+PREFIX = "edgefleet/v1/devices"
+UP_PRESENCE = "up/presence"
+UP_STATE = "up/state"
+UP_EVENTS = "up/events"
+UP_TELEMETRY = "up/telemetry"
+UP_FETCH = "up/fetch"
+DOWN_CMD = "down/cmd"
+DOWN_FETCH = "down/fetch"
+INFER_REQUEST = "infer/request"
+INFER_RESPONSE = "infer/response"
+DEVICE_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+_DEVICE_ID = re.compile(DEVICE_ID_PATTERN)
+FRAME_MAGIC = b"EFR1"
+MAX_JSON_PAYLOAD = 256 * 1024  # a control message; bulk data travels in frames
+MAX_FRAME_HEADER = 16 * 1024
+
+
+_M = TypeVar("_M", bound=BaseModel)
+
+
+class ProtocolError(ManifestError):
+    """A message from the network is malformed: wrong topic, shape, size or frame."""
+
+    default_check = "protocol"
+
+
+def device_topic(device_id: str, suffix: str) -> str:
+    """The full topic of ``suffix`` (e.g. :data:`UP_STATE`) for ``device_id``."""
+    if not _DEVICE_ID.match(device_id):
+        raise ProtocolError(f"device id {device_id[:80]!r} must match {DEVICE_ID_PATTERN}")
+    return f"{PREFIX}/{device_id}/{suffix}"
+
+
+def parse_device_topic(topic: str) -> tuple[str, str]:
+    """Split a device topic into (device id, suffix). Raises :class:`ProtocolError`."""
+    head = PREFIX + "/"
+    if not topic.startswith(head):
+        raise ProtocolError(f"topic {topic[:120]!r} is not under {PREFIX}/")
+    device_id, _, suffix = topic[len(head) :].partition("/")
+    if not _DEVICE_ID.match(device_id) or not suffix:
+        raise ProtocolError(f"topic {topic[:120]!r} has no valid device id and suffix")
+    return device_id, suffix
+
+
+class _Message(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+
+class Presence(_Message):
+    online: bool
+    agent_version: str | None = None
+
+
+class ModelState(_Message):
+    """One model as the device runs it (what ``edgefleet agent status`` shows)."""
+
+    version: str | None = None
+    runtime: str | None = None  # the selected candidate's key
+    previous_version: str | None = None
+    state: Literal["active", "probation", "failed", "none"] = "none"
+    counter: int | None = None
+    rollback_floor: int | None = None
+
+
+class ReportedState(_Message):
+    device_id: str = Field(pattern=DEVICE_ID_PATTERN)
+    seq: int = Field(ge=0)
+    time: datetime
+    hardware_class: str | None = None
+    models: dict[str, ModelState] = Field(default_factory=dict)
+    deployment: dict[str, Any] | None = None  # the deployment in progress, if any
+    inventory: dict[str, Any] | None = None
+    health: dict[str, Any] | None = None
+
+
+Phase = Literal[
+    "received",
+    "downloading",
+    "downloaded",
+    "verified",
+    "installed",
+    "self_test",
+    "activated",
+    "committed",
+    "failed",
+    "rolled_back",
+]
+
+
+class DeploymentEvent(_Message):
+    device_id: str = Field(pattern=DEVICE_ID_PATTERN)
+    seq: int = Field(ge=0)  # per device, monotonic: the fleet drops duplicates by (device, seq)
+    time: datetime
+    model: str
+    version: str
+    phase: Phase
+    deployment_id: str | None = None
+    failure_class: str | None = None  # download, verification, self_test, crash_loop, ...
+    detail: str | None = Field(default=None, max_length=4096)
+    metrics: dict[str, float] = Field(default_factory=dict)
+
+
+class Telemetry(_Message):
+    device_id: str = Field(pattern=DEVICE_ID_PATTERN)
+    seq: int = Field(ge=0)
+    time: datetime
+    models: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    health: dict[str, float] = Field(default_factory=dict)
+    dropped: int = 0  # records dropped from the offline journal because it was full
+
+
+class ChunkRef(_Message):
+    file: str
+    index: int = Field(ge=0)
+
+
+class FetchRequest(_Message):
+    """Ask the fleet for signed metadata, a release's manifest, or payload chunks."""
+
+    request_id: str = Field(min_length=1, max_length=64)
+    kind: Literal["metadata", "manifest", "chunks"]
+    name: str | None = Field(default=None, max_length=128)  # metadata file, e.g. timestamp.json
+    target: str | None = Field(default=None, max_length=256)  # NAME/VERSION/manifest.json
+    chunks: list[ChunkRef] = Field(default_factory=list, max_length=256)
+
+
+class FetchResponse(_Message):
+    """The header of a ``down/fetch`` frame; the frame's bytes follow it."""
+
+    request_id: str
+    kind: Literal["metadata", "manifest", "chunk", "error"]
+    name: str | None = None
+    target: str | None = None
+    file: str | None = None
+    index: int | None = None
+    offset: int = 0  # where these bytes go inside the chunk (or the document)
+    total: int | None = None  # the chunk's (or document's) full size
+    error: str | None = None
+    status: int = 200  # 404: no such metadata or target
+
+
+class Command(_Message):
+    """A hint from the fleet. ``deploy`` carries a director-signed order, verified on the device."""
+
+    id: str = Field(min_length=1, max_length=64)
+    type: Literal["check", "deploy", "revert", "report"]
+    issued_at: datetime
+    order: str | None = Field(default=None, max_length=64 * 1024)  # signed order (JSON text)
+    model: str | None = None
+
+
+class InferRequest(_Message):
+    correlation_id: str = Field(min_length=1, max_length=128)
+    model: str
+    inputs: dict[str, Any]  # name -> nested lists (one input, or a batch on axis 0)
+    reply_to: str | None = Field(default=None, max_length=256)  # an app id, not a topic
+
+
+class InferResponse(_Message):
+    correlation_id: str
+    model: str
+    ok: bool
+    outputs: dict[str, Any] | None = None
+    error: str | None = None
+    version: str | None = None
+    latency_ms: float | None = None
+
+
+def parse_payload(model: type[_M], data: bytes, *, what: str) -> _M:
+    """Parse a JSON control payload into ``model``, bounded in size and depth.
+
+    Raises:
+        ProtocolError: oversized, invalid JSON, or not the expected shape.
+    """
+    try:
+        raw = load_json(data, what=what, max_bytes=MAX_JSON_PAYLOAD)
+        return model.model_validate(raw)
+    except ManifestError as e:
+        raise ProtocolError(str(e), check="protocol") from e
+    except ValidationError as e:
+        raise ProtocolError(f"{what}: {describe_validation_error(e)}") from e
+
+
+def encode_frame(header: FetchResponse, data: bytes = b"") -> bytes:
+    """``EFR1`` + 4-byte big-endian header length + header JSON + raw bytes."""
+    head = json.dumps(
+        header.model_dump(mode="json", exclude_none=True), separators=(",", ":")
+    ).encode()
+    return FRAME_MAGIC + struct.pack(">I", len(head)) + head + data
+
+
+def decode_frame(frame: bytes) -> tuple[FetchResponse, bytes]:
+    """Split a ``down/fetch`` frame. Raises :class:`ProtocolError` on any malformation."""
+    if len(frame) < 8 or frame[:4] != FRAME_MAGIC:
+        raise ProtocolError(f"fetch frame must start with {FRAME_MAGIC!r}, got {frame[:4]!r}")
+    (length,) = struct.unpack(">I", frame[4:8])
+    if length > MAX_FRAME_HEADER or 8 + length > len(frame):
+        raise ProtocolError(
+            f"fetch frame header of {length} bytes does not fit (frame is {len(frame)} bytes, "
+            f"header limit {MAX_FRAME_HEADER})"
+        )
+    header = parse_payload(FetchResponse, frame[8 : 8 + length], what="fetch frame header")
+    return header, frame[8 + length :]
