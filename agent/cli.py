@@ -164,3 +164,114 @@ def _print_ranking(data: dict[str, Any], model: str) -> None:
     console.print(f"[bold green]selected[/] {selected['key']}: p50 {selected['p50_ms']:.3f} ms")
     if not data["correctness_checked"]:
         console.print("[yellow]correctness was not checked: the bundle has no test vectors[/]")
+
+
+@app.command("run")
+def run(
+    broker: Annotated[
+        str | None, typer.Option(help="mqtt://HOST:PORT or mqtts://HOST:PORT")
+    ] = None,
+    device_id: Annotated[str | None, typer.Option(help="This device's id.")] = None,
+    data_dir: Annotated[Path | None, typer.Option(help="Where models and state live.")] = None,
+    trust: Annotated[Path | None, typer.Option(help="The trusted root.json.")] = None,
+    config: Annotated[Path | None, typer.Option(help="A TOML file with an [agent] table.")] = None,
+    ca_file: Annotated[Path | None, typer.Option(help="CA certificate for mqtts://.")] = None,
+    cert_file: Annotated[Path | None, typer.Option(help="Client certificate (mutual TLS).")] = None,
+    key_file: Annotated[Path | None, typer.Option(help="Client key (mutual TLS).")] = None,
+) -> None:
+    """Run the agent daemon until SIGTERM or Ctrl-C.
+
+    Flags override the config file, which environment variables EDGEFLEET_AGENT_* override.
+    """
+    import logging
+    import signal
+
+    from agent.config import load_settings
+    from agent.daemon import Agent
+
+    settings = load_settings(
+        config,
+        {
+            "broker": broker,
+            "device_id": device_id,
+            "data_dir": data_dir,
+            "trust": trust,
+            "ca_file": ca_file,
+            "cert_file": cert_file,
+            "key_file": key_file,
+        },
+    )
+    if not settings.trust.is_file():
+        raise UsageError(f"{settings.trust}: no trust root there (copy KEYS_DIR/root.json)")
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    agent = Agent(settings)
+    signal.signal(signal.SIGTERM, lambda *_: agent.stop())
+    signal.signal(signal.SIGINT, lambda *_: agent.stop())
+    _notify("READY=1")
+    agent.run()
+    _notify("STOPPING=1")
+
+
+def _notify(state: str) -> None:
+    """Tell systemd (Type=notify) about our state, when it is listening."""
+    import socket
+
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.connect(address)
+        sock.sendall(state.encode())
+
+
+@app.command("status")
+def status(
+    data_dir: Annotated[Path, typer.Option(help="The agent's data directory.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Show the device's local state: active, previous and in-progress versions per model."""
+    import json
+
+    from agent.store import ModelStore
+
+    if not (data_dir / "models").is_dir():
+        raise UsageError(f"{data_dir}: not an agent data directory (no models/ in it)")
+    store = ModelStore(data_dir)
+    identity = {}
+    if (data_dir / "identity.json").exists():
+        identity = json.loads((data_dir / "identity.json").read_text())
+    probation = {}
+    if (data_dir / "probation.json").exists():
+        probation = json.loads((data_dir / "probation.json").read_text())
+    models: dict[str, dict[str, Any]] = {}
+    for name in store.models():
+        current = store.current(name)
+        runtime = None
+        if current and (data_dir / "runtime.json").exists():
+            runtime = json.loads((data_dir / "runtime.json").read_text()).get(name)
+        staging = data_dir / "staging" / name
+        models[name] = {
+            "version": current,
+            "runtime": runtime,
+            "previous_version": store.previous(name),
+            "rollback_floor": store.floor(name),
+            "failed_versions": store.state.failed.get(name, []),
+            "downloading": sorted(p.name for p in staging.iterdir()) if staging.is_dir() else [],
+            "probation": probation.get("version") if probation.get("model") == name else None,
+        }
+    report = {"device_id": identity.get("device_id"), "models": models}
+    if as_json:
+        print_json(report)
+        return
+    console.print(f"device {report['device_id'] or '?'} ({data_dir})")
+    for name, m in models.items():
+        console.print(
+            f"  {name}: {m['version'] or 'none'} on {m['runtime'] or '?'}"
+            f" (previous {m['previous_version'] or 'none'}, floor {m['rollback_floor']})"
+            + (", on probation" if m["probation"] else "")
+            + (f", downloading {', '.join(m['downloading'])}" if m["downloading"] else "")
+        )
+    if not models:
+        console.print("  no models installed")

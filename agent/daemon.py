@@ -1,0 +1,466 @@
+"""The agent daemon: wires the MQTT link, the deployer, the model store and inference together.
+
+Threads, and what each may touch:
+
+- paho's network thread (inside :class:`~agent.mqtt.MqttLink`): only enqueues events;
+- the **dispatcher** reads link events and routes them: fetch frames to the fetch client,
+  commands to the worker queue, inference requests to the inference queue; on (re)connect it
+  announces presence, reports state and drains the outbox;
+- the **worker** runs one deployment at a time (single flight: queued orders for the same model
+  are coalesced, the newest wins), then probation, commit or rollback;
+- the **inference** thread answers ``infer/request`` with the active model of each name.
+
+Active models live in a dict replaced as a whole, so a request sees either the old model or the
+new one, never a gap: the new model is loaded before it is swapped in, and the old one is closed
+after.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from datetime import UTC, datetime
+from typing import Any
+
+import numpy as np
+
+from agent.config import AgentSettings
+from agent.fetch import FetchClient
+from agent.mqtt import Connected, Disconnected, Message, MqttLink, MqttSettings
+from agent.outbox import Outbox
+from agent.runtimes.inventory import scan
+from agent.store import ModelStore, write_atomic
+from agent.updater import ActiveModel, Deployer, DeploymentError
+from shared.errors import EdgefleetError
+from shared.protocol import (
+    DOWN_CMD,
+    DOWN_FETCH,
+    INFER_REQUEST,
+    INFER_RESPONSE,
+    UP_EVENTS,
+    UP_PRESENCE,
+    UP_STATE,
+    UP_TELEMETRY,
+    Command,
+    DeploymentEvent,
+    InferRequest,
+    InferResponse,
+    ModelState,
+    Phase,
+    Presence,
+    ProtocolError,
+    ReportedState,
+    Telemetry,
+    device_topic,
+    parse_payload,
+)
+
+__all__ = ["Agent"]
+
+logger = logging.getLogger(__name__)
+AGENT_VERSION = "0.1.0"
+
+
+class _Metrics:
+    """Per-model request counters and a bounded window of latencies for percentiles."""
+
+    def __init__(self) -> None:
+        self.requests = 0
+        self.errors = 0
+        self.latencies: deque[float] = deque(maxlen=2048)
+
+    def summary(self) -> dict[str, Any]:
+        lat = np.array(self.latencies) if self.latencies else None
+        pct = (
+            {f"p{q}": float(np.percentile(lat, q)) for q in (50, 95, 99)} if lat is not None else {}
+        )
+        return {"requests": self.requests, "errors": self.errors, "latency_ms": pct}
+
+
+class Agent:
+    """One device's agent. :meth:`run` blocks until :meth:`stop`."""
+
+    def __init__(self, settings: AgentSettings) -> None:
+        self.settings = settings
+        self.device_id = settings.device_id
+        self.store = ModelStore(settings.data_dir)
+        for note in self.store.recover():
+            logger.warning("recovered after an interrupted run: %s", note)
+        self.inventory = scan()
+        self.outbox = Outbox(settings.data_dir / "outbox", max_records=settings.outbox_max_records)
+        presence = device_topic(self.device_id, UP_PRESENCE)
+        self.link = MqttLink(
+            MqttSettings(
+                url=settings.broker,
+                client_id=self.device_id,
+                username=settings.username,
+                password=settings.password,
+                ca_file=str(settings.ca_file) if settings.ca_file else None,
+                cert_file=str(settings.cert_file) if settings.cert_file else None,
+                key_file=str(settings.key_file) if settings.key_file else None,
+                protocol=settings.mqtt_protocol,
+                will_topic=presence,
+                will_payload=Presence(online=False).model_dump_json().encode(),
+            ),
+            subscriptions=[
+                (device_topic(self.device_id, "down/#"), 1),
+                (device_topic(self.device_id, INFER_REQUEST), 1),
+            ],
+        )
+        self.client = FetchClient(self.link, self.device_id, timeout_s=settings.request_timeout_s)
+        self.deployer = Deployer(settings, self.store, self.client, self.inventory, self._emit)
+        self.models: dict[str, ActiveModel] = {}
+        self.metrics: dict[str, _Metrics] = {}
+        self.commands: queue.Queue[Command] = queue.Queue()
+        self.inference: queue.Queue[Message] = queue.Queue()
+        self._stop = threading.Event()
+        self._seq = int(time.time() * 1000)
+        self._seq_lock = threading.Lock()
+        self._probation_path = settings.data_dir / "probation.json"
+        write_atomic(
+            settings.data_dir / "identity.json",
+            json.dumps(
+                {
+                    "device_id": self.device_id,
+                    "hardware_class": self.deployer.identity.hardware_id,
+                }
+            ).encode(),
+        )
+
+    def _set_models(self, models: dict[str, ActiveModel]) -> None:
+        """Swap the served models in one assignment and record their runtimes for ``status``."""
+        self.models = models
+        runtimes = {
+            n: (m.runner.active.key if m.runner.active else None) for n, m in models.items()
+        }
+        write_atomic(self.settings.data_dir / "runtime.json", json.dumps(runtimes).encode())
+
+    # -- reporting -----------------------------------------------------------------------------
+
+    def _next_seq(self) -> int:
+        with self._seq_lock:
+            self._seq = max(self._seq + 1, int(time.time() * 1000))
+            return self._seq
+
+    def _report(self, suffix: str, payload: bytes) -> None:
+        """Journal first, then try to send everything journalled (nothing is lost offline)."""
+        self.outbox.put(device_topic(self.device_id, suffix), payload)
+        self.outbox.drain(self.link.publish)
+
+    def _emit(self, phase: Phase, model: str, version: str, **fields: Any) -> None:
+        event = DeploymentEvent(
+            device_id=self.device_id,
+            seq=self._next_seq(),
+            time=datetime.now(UTC),
+            model=model,
+            version=version,
+            phase=phase,
+            **fields,
+        )
+        logger.info("%s %s %s %s", model, version, phase, fields.get("detail", ""))
+        self._report(UP_EVENTS, event.model_dump_json(exclude_none=True).encode())
+
+    def state(self) -> ReportedState:
+        models = {}
+        for name in self.store.models():
+            active = self.models.get(name)
+            runner = active.runner.active if active else None
+            version = self.store.current(name)
+            models[name] = ModelState(
+                version=version,
+                runtime=runner.key if runner else None,
+                previous_version=self.store.previous(name),
+                state="probation"
+                if self._probation().get("model") == name
+                else ("active" if version else "none"),
+                counter=self.store.state.counters.get(name, {}).get(version or "", None),
+                rollback_floor=self.store.floor(name),
+            )
+        return ReportedState(
+            device_id=self.device_id,
+            seq=self._next_seq(),
+            time=datetime.now(UTC),
+            hardware_class=self.deployer.identity.hardware_id,
+            models=models,
+            inventory=self.inventory.to_dict(),
+        )
+
+    def report_state(self) -> None:
+        self._report(UP_STATE, self.state().model_dump_json(exclude_none=True).encode())
+
+    def report_telemetry(self) -> None:
+        telemetry = Telemetry(
+            device_id=self.device_id,
+            seq=self._next_seq(),
+            time=datetime.now(UTC),
+            dropped=self.outbox.dropped,
+            models={n: m.summary() for n, m in self.metrics.items()},
+        )
+        self._report(UP_TELEMETRY, telemetry.model_dump_json().encode())
+
+    # -- start-up ------------------------------------------------------------------------------
+
+    def _probation(self) -> dict[str, Any]:
+        try:
+            data: dict[str, Any] = json.loads(self._probation_path.read_text())
+        except (OSError, ValueError):
+            return {}
+        return data
+
+    def _load_installed(self) -> None:
+        """Serve every model's current version; count a restart during probation."""
+        probation = self._probation()
+        if probation:
+            probation["boots"] = int(probation.get("boots", 0)) + 1
+            write_atomic(self._probation_path, json.dumps(probation).encode())
+            if probation["boots"] > self.settings.max_crash_restarts:
+                self._rollback(
+                    probation["model"],
+                    f"crash loop: {probation['boots']} restarts during probation",
+                    failure_class="crash_loop",
+                )
+        for name in self.store.models():
+            version = self.store.current(name)
+            if version is None:
+                continue
+            problem = self.store.check_integrity(name, version)
+            if problem is not None:  # on-disk corruption: fall back to the previous version
+                self._rollback(
+                    name, f"installed files damaged: {problem}", failure_class="corruption"
+                )
+                version = self.store.current(name)
+                if version is None:
+                    continue
+            try:
+                manifest = self.store.manifest(name, version)
+                decision = self.deployer.decision_for(name, version)
+                self._set_models({**self.models, name: self.deployer.load(manifest, decision)})
+            except EdgefleetError as e:
+                logger.error("cannot serve %s %s: %s", name, version, e)
+
+    # -- threads -------------------------------------------------------------------------------
+
+    def run(self) -> None:
+        """Start everything and block until :meth:`stop` (SIGTERM in the CLI)."""
+        self._load_installed()
+        self.link.start()
+        workers = [
+            threading.Thread(target=f, name=n, daemon=True)
+            for f, n in (
+                (self._dispatch, "edgefleet-dispatch"),
+                (self._work, "edgefleet-worker"),
+                (self._serve_inference, "edgefleet-infer"),
+            )
+        ]
+        for worker in workers:
+            worker.start()
+        next_telemetry = time.monotonic() + self.settings.telemetry_interval_s
+        while not self._stop.wait(0.5):
+            self._check_probation()
+            if time.monotonic() >= next_telemetry:
+                self.report_telemetry()
+                next_telemetry = time.monotonic() + self.settings.telemetry_interval_s
+        self.link.stop()
+        for active in self.models.values():
+            active.runner.close()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _dispatch(self) -> None:
+        fetch = device_topic(self.device_id, DOWN_FETCH)
+        cmd = device_topic(self.device_id, DOWN_CMD)
+        infer = device_topic(self.device_id, INFER_REQUEST)
+        while not self._stop.is_set():
+            try:
+                event = self.link.events.get(timeout=0.5)
+            except queue.Empty:
+                continue
+            if isinstance(event, Connected):
+                self.link.publish(
+                    device_topic(self.device_id, UP_PRESENCE),
+                    Presence(online=True, agent_version=AGENT_VERSION).model_dump_json().encode(),
+                )
+                self.report_state()
+            elif isinstance(event, Disconnected):
+                logger.info("broker connection lost (%s)", event.reason)
+            elif event.topic == fetch:
+                self.client.deliver(event.payload)
+            elif event.topic == cmd:
+                try:
+                    self.commands.put(parse_payload(Command, event.payload, what="command"))
+                except ProtocolError as e:
+                    logger.warning("ignoring a malformed command: %s", e)
+            elif event.topic == infer:
+                self.inference.put(event)
+
+    def _work(self) -> None:
+        while not self._stop.is_set():
+            try:
+                command = self.commands.get(timeout=0.5)
+            except queue.Empty:
+                continue
+            # Single flight: take everything queued and keep the newest deploy order.
+            batch = [command]
+            while not self.commands.empty():
+                batch.append(self.commands.get_nowait())
+            deploys = [c for c in batch if c.type == "deploy" and c.order]
+            if deploys:
+                self._deploy(deploys[-1].order or "")
+            if any(c.type in ("check", "report") for c in batch):
+                self.report_state()
+
+    def _deploy(self, order: str) -> None:
+        try:
+            manifest, release, decision = self.deployer.deploy(order)
+        except DeploymentError as e:
+            self._emit_failure(e.model, e.version, e)
+            self.report_state()
+            return
+        name, version = manifest.name, manifest.version
+        if self.store.current(name) == version:
+            self._emit("activated", name, version, detail="already active")
+            self.report_state()
+            return
+        try:
+            new = self.deployer.load(manifest, decision)
+        except DeploymentError as e:
+            self._emit_failure(name, version, e)
+            return
+        old = self.models.get(name)
+        self.store.activate(name, version)
+        self._set_models({**self.models, name: new})
+        if old is not None:
+            old.runner.close()
+        write_atomic(
+            self._probation_path,
+            json.dumps(
+                {
+                    "model": name,
+                    "version": version,
+                    "started": time.time(),
+                    "boots": 0,
+                    "rollback_floor": release.rollback_floor,
+                }
+            ).encode(),
+        )
+        self._emit(
+            "activated",
+            name,
+            version,
+            detail=f"runtime {decision.selected.candidate.key}",
+            metrics={"p50_ms": decision.selected.measurement.p50_ms or 0.0},
+        )
+        self.report_state()
+
+    def _emit_failure(self, model: str, version: str, error: DeploymentError) -> None:
+        self._emit(
+            "failed", model, version, failure_class=error.failure_class, detail=str(error)[:4000]
+        )
+
+    def _check_probation(self) -> None:
+        probation = self._probation()
+        if not probation:
+            return
+        name, version = probation["model"], probation["version"]
+        active = self.models.get(name)
+        if active is not None and active.version == version and active.runner.failures:
+            self._rollback(
+                name,
+                "errors during probation: " + active.runner.failures[-1],
+                failure_class="probation",
+            )
+            return
+        if time.time() - float(probation["started"]) >= self.settings.probation_s:
+            self.store.commit(name, version, rollback_floor=int(probation["rollback_floor"]))
+            self._probation_path.unlink(missing_ok=True)
+            self._emit("committed", name, version)
+            self.report_state()
+
+    def _rollback(self, name: str, reason: str, *, failure_class: str) -> None:
+        bad = self.store.current(name) or "?"
+        back = self.store.rollback(name, reason=reason)
+        self._probation_path.unlink(missing_ok=True)
+        old = self.models.get(name)
+        if back is not None:
+            try:
+                manifest = self.store.manifest(name, back)
+                loaded = self.deployer.load(manifest, self.deployer.decision_for(name, back))
+                self._set_models({**self.models, name: loaded})
+            except EdgefleetError as e:
+                logger.error("cannot serve %s %s after rollback: %s", name, back, e)
+        else:
+            self._set_models({k: v for k, v in self.models.items() if k != name})
+        if old is not None and old.version == bad:
+            old.runner.close()
+        self._emit("rolled_back", name, bad, failure_class=failure_class, detail=reason)
+        self.report_state()
+
+    # -- inference -----------------------------------------------------------------------------
+
+    def infer(self, name: str, inputs: dict[str, np.ndarray]) -> tuple[str, dict[str, np.ndarray]]:
+        """The Python API: run the active version of ``name``; returns (version, outputs)."""
+        active = self.models.get(name)
+        if active is None:
+            raise EdgefleetError(f"no model {name!r} is active on this device", check="no-model")
+        metrics = self.metrics.setdefault(name, _Metrics())
+        metrics.requests += 1
+        started = time.perf_counter()
+        try:
+            outputs = active.runner.infer(inputs)
+        except Exception:
+            metrics.errors += 1
+            raise
+        metrics.latencies.append((time.perf_counter() - started) * 1000)
+        return active.version, outputs
+
+    def _serve_inference(self) -> None:
+        while not self._stop.is_set():
+            try:
+                message = self.inference.get(timeout=0.5)
+            except queue.Empty:
+                continue
+            self._answer(message)
+
+    def _answer(self, message: Message) -> None:
+        try:
+            request = parse_payload(InferRequest, message.payload, what="inference request")
+        except ProtocolError as e:
+            logger.warning("ignoring a malformed inference request: %s", e)
+            return
+        started = time.perf_counter()
+        try:
+            active = self.models.get(request.model)
+            if active is None:
+                raise EdgefleetError(f"no model {request.model!r} is active on this device")
+            specs = {t.name: t for t in active.manifest.inputs}
+            unknown = sorted(set(request.inputs) - set(specs))
+            if unknown:
+                raise EdgefleetError(f"unknown inputs {unknown}; the model takes {sorted(specs)}")
+            feeds = {
+                name: np.asarray(value, dtype=specs[name].dtype)
+                for name, value in request.inputs.items()
+            }
+            version, outputs = self.infer(request.model, feeds)
+            response = InferResponse(
+                correlation_id=request.correlation_id,
+                model=request.model,
+                ok=True,
+                version=version,
+                outputs={k: v.tolist() for k, v in outputs.items()},
+                latency_ms=(time.perf_counter() - started) * 1000,
+            )
+        except Exception as e:  # every failure becomes an error response, never silence
+            response = InferResponse(
+                correlation_id=request.correlation_id,
+                model=request.model,
+                ok=False,
+                error=str(e)[:1000],
+            )
+        app = request.reply_to or "default"
+        topic = device_topic(self.device_id, f"{INFER_RESPONSE}/{app}")
+        self.link.publish(topic, response.model_dump_json(exclude_none=True).encode())

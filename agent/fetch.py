@@ -1,0 +1,124 @@
+"""Request/response over MQTT: ask the fleet for metadata, manifests and chunks.
+
+:class:`FetchClient` publishes :class:`~shared.protocol.FetchRequest` on ``up/fetch`` and
+collects the ``down/fetch`` frames that answer it (routed here by the agent's dispatcher).
+:class:`MqttTufFetcher` lets python-tuf's client fetch its metadata through it, so all trust
+decisions stay in python-tuf while the bytes travel over MQTT.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import queue
+import time
+from collections.abc import Iterator
+
+from tuf.api import exceptions as tuf_errors
+from tuf.ngclient import FetcherInterface
+
+from agent.mqtt import MqttLink
+from shared.protocol import (
+    UP_FETCH,
+    FetchRequest,
+    FetchResponse,
+    ProtocolError,
+    decode_frame,
+    device_topic,
+)
+
+__all__ = ["TUF_BASE_URL", "FetchClient", "MqttTufFetcher"]
+
+TUF_BASE_URL = "edgefleet:/metadata/"
+Frame = tuple[FetchResponse, bytes]
+
+
+class FetchClient:
+    """Send fetch requests and receive their frames. One outstanding document at a time."""
+
+    def __init__(self, link: MqttLink, device_id: str, *, timeout_s: float = 10.0) -> None:
+        self.link = link
+        self.device_id = device_id
+        self.timeout_s = timeout_s
+        self.frames: queue.Queue[Frame] = queue.Queue()
+        self._ids = itertools.count(1)
+        self._prefix = f"{int(time.time())}"
+
+    def new_request_id(self) -> str:
+        return f"{self._prefix}-{next(self._ids)}"
+
+    def deliver(self, payload: bytes) -> None:
+        """Take one ``down/fetch`` message from the dispatcher; malformed frames are dropped."""
+        with contextlib.suppress(ProtocolError):
+            self.frames.put(decode_frame(payload))
+
+    def send(self, request: FetchRequest) -> bool:
+        topic = device_topic(self.device_id, UP_FETCH)
+        return self.link.publish(topic, request.model_dump_json(exclude_none=True).encode())
+
+    def document(self, request: FetchRequest, *, max_bytes: int) -> bytes | None:
+        """Fetch a whole small document (metadata or manifest); None if the fleet says 404.
+
+        Parts are placed by offset; duplicates and frames of other requests are ignored. The
+        size is capped at ``max_bytes`` before any part is stored.
+
+        Raises:
+            TimeoutError: no complete answer within the timeout (after one re-send).
+            ProtocolError: the answer is larger than ``max_bytes`` or inconsistent.
+        """
+        for _attempt in range(2):
+            if not self.send(request):
+                self.link.wait_connected(self.timeout_s)
+                continue
+            buffer: bytearray | None = None
+            covered: set[int] = set()
+            received = 0
+            deadline = time.monotonic() + self.timeout_s
+            while (left := deadline - time.monotonic()) > 0:
+                try:
+                    header, data = self.frames.get(timeout=left)
+                except queue.Empty:
+                    break
+                if header.request_id != request.request_id:
+                    continue
+                if header.status == 404:
+                    return None
+                total = header.total or 0
+                if total > max_bytes:
+                    raise ProtocolError(
+                        f"{request.kind} {request.name or request.target}: "
+                        f"{total} bytes exceeds the limit of {max_bytes}"
+                    )
+                if buffer is None:
+                    buffer = bytearray(total)
+                if len(buffer) != total or header.offset + len(data) > total:
+                    raise ProtocolError(f"inconsistent parts for request {request.request_id}")
+                if header.offset not in covered:
+                    covered.add(header.offset)
+                    buffer[header.offset : header.offset + len(data)] = data
+                    received += len(data)
+                if received >= total:
+                    return bytes(buffer)
+        raise TimeoutError(
+            f"no answer to {request.kind} request {request.request_id} "
+            f"({request.name or request.target}) within {self.timeout_s:g} s"
+        )
+
+
+class MqttTufFetcher(FetcherInterface):
+    """python-tuf fetcher over MQTT: ``edgefleet:/metadata/<file>`` -> a metadata request."""
+
+    def __init__(self, client: FetchClient, *, max_bytes: int = 5_000_000) -> None:
+        self.client = client
+        self.max_bytes = max_bytes
+
+    def _fetch(self, url: str) -> Iterator[bytes]:
+        name = url.removeprefix(TUF_BASE_URL)
+        request = FetchRequest(request_id=self.client.new_request_id(), kind="metadata", name=name)
+        try:
+            data = self.client.document(request, max_bytes=self.max_bytes)
+        except (TimeoutError, ProtocolError) as e:
+            raise tuf_errors.DownloadError(str(e)) from e
+        if data is None:
+            raise tuf_errors.DownloadHTTPError(f"{name} not found", 404)
+        return iter([data])

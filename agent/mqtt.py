@@ -1,0 +1,278 @@
+"""The agent's only contact with paho-mqtt: a link that turns callbacks into queued events.
+
+Nothing here decides anything. :class:`MqttLink` connects (TLS or mutual TLS, username and
+password, MQTT 3.1.1 or 5), keeps a persistent session, sets a last will, reconnects with
+exponential backoff and full jitter, and puts every happening on one :class:`queue.Queue` as a
+:class:`Connected`, :class:`Disconnected` or :class:`Message` event. The updater reads that queue
+on its own thread; no edgefleet logic ever runs on paho's network thread.
+
+A broker that says the session was taken over (another client with our id) gets the longest
+backoff rather than a reconnect fight.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import random
+import ssl
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlparse
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from shared.errors import UsageError
+
+__all__ = ["Connected", "Disconnected", "Message", "MqttLink", "MqttSettings", "backoff_delay"]
+
+SESSION_TAKEN_OVER = 0x8E
+
+
+@dataclass(frozen=True)
+class MqttSettings:
+    """How to reach the broker. Times in seconds."""
+
+    url: str  # mqtt://host:port or mqtts://host:port
+    client_id: str
+    username: str | None = None
+    password: str | None = None
+    ca_file: str | None = None
+    cert_file: str | None = None  # client certificate for mutual TLS
+    key_file: str | None = None
+    protocol: int = 5  # 5 or 311
+    keepalive_s: int = 30
+    session_expiry_s: int = 7 * 86400
+    reconnect_min_s: float = 0.5
+    reconnect_max_s: float = 60.0
+    will_topic: str | None = None
+    will_payload: bytes = b""
+
+    @property
+    def host_port_tls(self) -> tuple[str, int, bool]:
+        parsed = urlparse(self.url)
+        if parsed.scheme not in ("mqtt", "mqtts") or not parsed.hostname:
+            raise UsageError(
+                f"broker URL must look like mqtt://HOST:PORT or mqtts://HOST:PORT, got {self.url!r}"
+            )
+        tls = parsed.scheme == "mqtts"
+        return parsed.hostname, parsed.port or (8883 if tls else 1883), tls
+
+
+@dataclass(frozen=True)
+class Connected:
+    session_present: bool
+
+
+@dataclass(frozen=True)
+class Disconnected:
+    reason: str
+    retry_in_s: float
+
+
+@dataclass(frozen=True)
+class Message:
+    topic: str
+    payload: bytes
+    response_topic: str | None = None
+    correlation_data: bytes | None = None
+
+
+Event = Connected | Disconnected | Message
+
+
+def backoff_delay(attempt: int, *, minimum: float, maximum: float, rng: random.Random) -> float:
+    """Exponential backoff with full jitter: uniform in [0, min(max, minimum * 2**attempt)]."""
+    ceiling = min(maximum, minimum * (2 ** min(attempt, 30)))
+    return max(minimum / 2, rng.uniform(0, ceiling))
+
+
+class MqttLink:
+    """One connection to one broker, driven by its own thread. Thread-safe publish/subscribe."""
+
+    def __init__(
+        self,
+        settings: MqttSettings,
+        *,
+        subscriptions: Sequence[tuple[str, int]] = (),
+        logger: logging.Logger | None = None,
+    ) -> None:
+        self.settings = settings
+        self.events: queue.Queue[Event] = queue.Queue()
+        self.connected = threading.Event()
+        self._subscriptions = list(subscriptions)
+        self._log = logger or logging.getLogger(__name__)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._rng = random.Random()  # noqa: S311 - jitter, not cryptography
+        self._attempt = 0
+        self._taken_over = False
+        self._client = self._make_client()
+
+    # -- set-up --------------------------------------------------------------------------------
+
+    def _make_client(self) -> paho.Client:
+        s = self.settings
+        protocol = MQTTProtocolVersion.MQTTv5 if s.protocol == 5 else MQTTProtocolVersion.MQTTv311
+        client = paho.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=s.client_id,
+            protocol=protocol,
+            clean_session=None if s.protocol == 5 else False,
+        )
+        _, _, tls = s.host_port_tls
+        if tls:
+            client.tls_set(
+                ca_certs=s.ca_file,
+                certfile=s.cert_file,
+                keyfile=s.key_file,
+                cert_reqs=ssl.CERT_REQUIRED,
+                tls_version=ssl.PROTOCOL_TLS_CLIENT,
+            )
+        if s.username is not None:
+            client.username_pw_set(s.username, s.password)
+        if s.will_topic:
+            client.will_set(s.will_topic, s.will_payload, qos=1, retain=False)
+        client.max_inflight_messages_set(64)
+        client.max_queued_messages_set(0)
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_message = self._on_message
+        return client
+
+    def _connect_properties(self) -> Properties | None:
+        if self.settings.protocol != 5:
+            return None
+        props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+        props.SessionExpiryInterval = self.settings.session_expiry_s
+        return props
+
+    # -- paho callbacks (paho's thread: only translate and enqueue) ----------------------------
+
+    def _on_connect(
+        self, client: paho.Client, userdata: Any, flags: Any, reason: Any, properties: Any
+    ) -> None:
+        if reason.is_failure:
+            self._log.warning("broker refused the connection: %s", reason)
+            return
+        self._attempt = 0
+        self._taken_over = False
+        for topic, qos in self._subscriptions:
+            client.subscribe(topic, qos)
+        self.connected.set()
+        self.events.put(Connected(session_present=bool(flags.session_present)))
+
+    def _on_disconnect(
+        self, client: paho.Client, userdata: Any, flags: Any, reason: Any, properties: Any
+    ) -> None:
+        self.connected.clear()
+        if getattr(reason, "value", None) == SESSION_TAKEN_OVER:
+            self._taken_over = True
+        self.events.put(Disconnected(reason=str(reason), retry_in_s=0.0))
+
+    def _on_message(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
+        props = getattr(msg, "properties", None)
+        self.events.put(
+            Message(
+                topic=msg.topic,
+                payload=bytes(msg.payload),
+                response_topic=getattr(props, "ResponseTopic", None),
+                correlation_data=getattr(props, "CorrelationData", None),
+            )
+        )
+
+    # -- the network thread --------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start connecting in the background; events arrive on :attr:`events`."""
+        self._thread = threading.Thread(target=self._run, name="edgefleet-mqtt", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        host, port, _ = self.settings.host_port_tls
+        first = True
+        while not self._stop.is_set():
+            try:
+                if first:
+                    self._client.connect(
+                        host,
+                        port,
+                        self.settings.keepalive_s,
+                        clean_start=False,
+                        properties=self._connect_properties(),
+                    )
+                    first = False
+                else:
+                    self._client.reconnect()
+                while not self._stop.is_set():
+                    rc = self._client.loop(timeout=0.2)
+                    if rc != paho.MQTT_ERR_SUCCESS:
+                        break
+            except (OSError, ssl.SSLError, paho.WebsocketConnectionError) as e:
+                self._log.warning("cannot reach the broker at %s:%d: %s", host, port, e)
+            if self._stop.is_set():
+                break
+            self.connected.clear()
+            delay = self._next_delay()
+            self.events.put(Disconnected(reason="connection lost", retry_in_s=delay))
+            self._stop.wait(delay)
+
+    def _next_delay(self) -> float:
+        s = self.settings
+        if self._taken_over:  # someone else has our id: do not fight over the session
+            return s.reconnect_max_s
+        delay = backoff_delay(
+            self._attempt, minimum=s.reconnect_min_s, maximum=s.reconnect_max_s, rng=self._rng
+        )
+        self._attempt += 1
+        return delay
+
+    # -- API for the updater -------------------------------------------------------------------
+
+    def publish(
+        self, topic: str, payload: bytes, *, qos: int = 1, properties: Properties | None = None
+    ) -> bool:
+        """Queue a publish; False if the link is down (the caller keeps the data)."""
+        if not self.connected.is_set():
+            return False
+        info = self._client.publish(topic, payload, qos=qos, retain=False, properties=properties)
+        return info.rc == paho.MQTT_ERR_SUCCESS
+
+    def wait_connected(self, timeout_s: float) -> bool:
+        return self.connected.wait(timeout_s)
+
+    def stop(self) -> None:
+        """Disconnect cleanly (no last will) and stop the thread."""
+        self._stop.set()
+        if self.connected.is_set():
+            self._client.disconnect()
+        if self._thread is not None:
+            self._thread.join(5)
+        self.connected.clear()
+
+
+def response_properties(correlation_data: bytes | None) -> Properties:
+    """MQTT 5 properties for a reply that carries the requester's correlation data."""
+    props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+    if correlation_data is not None:
+        props.CorrelationData = correlation_data
+    return props
+
+
+def wait_for(events: queue.Queue[Event], kind: type, timeout_s: float) -> Event | None:
+    """Take events until one of ``kind`` arrives or ``timeout_s`` passes (tests, tools)."""
+    deadline = time.monotonic() + timeout_s
+    while (left := deadline - time.monotonic()) > 0:
+        try:
+            event = events.get(timeout=left)
+        except queue.Empty:
+            return None
+        if isinstance(event, kind):
+            return event
+    return None

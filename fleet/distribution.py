@@ -1,0 +1,173 @@
+"""Serve devices' fetch requests from signed bundle files: metadata, manifests and chunks.
+
+A device asks on ``up/fetch`` (:class:`shared.protocol.FetchRequest`); the answer goes back on
+``down/fetch`` as frames (:func:`shared.protocol.encode_frame`), each below the broker's packet
+limit, so a 256 KiB chunk may travel as several parts. The device verifies everything itself
+(TUF metadata, manifest hash, chunk hashes): this side only reads bytes, it never vouches for
+them, and a device that asks for something absent gets a ``404`` frame, not silence.
+
+:class:`BundleRepository` indexes a directory of signed bundles without unpacking them: each
+payload file's data offset inside its bundle is recorded, so a chunk is one ``pread``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from shared.bundle import PAYLOAD_PREFIX, BundleHeader, read_header
+from shared.container import ContainerReader
+from shared.protocol import FetchRequest, FetchResponse, encode_frame
+from shared.trust import target_path
+
+__all__ = ["BundleRepository", "answer_fetch"]
+
+logger = logging.getLogger(__name__)
+FRAME_OVERHEAD = 512  # bytes reserved in each MQTT message for the frame header and topic
+
+
+@dataclass
+class _Indexed:
+    path: Path
+    header: BundleHeader
+    offsets: dict[str, int] = field(default_factory=dict)  # payload path -> offset in the file
+
+
+class BundleRepository:
+    """Signed bundles available to devices, with the newest signed metadata among them."""
+
+    def __init__(self) -> None:
+        self._bundles: dict[str, _Indexed] = {}  # target path -> bundle
+        self._metadata: dict[str, bytes] = {}
+
+    def add(self, path: Path) -> str:
+        """Index a signed bundle file; return its target path (``NAME/VERSION/manifest.json``)."""
+        with path.open("rb") as f:
+            reader = ContainerReader(f, what=path.name)
+            header, first = read_header(reader)
+            offsets = {}
+            member = first
+            members = iter(reader)
+            while member is not None:
+                offsets[member.name.removeprefix(PAYLOAD_PREFIX)] = member.offset
+                member = next(members, None)
+        target = target_path(header.manifest.name, header.manifest.version)
+        self._bundles[target] = _Indexed(path, header, offsets)
+        self._merge_metadata(header.metadata)
+        return target
+
+    def _merge_metadata(self, files: dict[str, bytes]) -> None:
+        """Keep every root version and the newest (by TUF version) of the other roles."""
+        for name, data in files.items():
+            old = self._metadata.get(name)
+            if old is None or name[0].isdigit():
+                self._metadata[name] = data
+                continue
+            try:
+                new_version = json.loads(data)["signed"]["version"]
+                old_version = json.loads(old)["signed"]["version"]
+            except (ValueError, KeyError, TypeError):
+                continue
+            if new_version > old_version:
+                self._metadata[name] = data
+
+    def metadata(self, name: str) -> bytes | None:
+        return self._metadata.get(name)
+
+    def manifest(self, target: str) -> bytes | None:
+        indexed = self._bundles.get(target)
+        return indexed.header.manifest_bytes if indexed else None
+
+    def chunk(self, target: str, file: str, index: int) -> bytes | None:
+        """The bytes of one chunk of one payload file, or None if there is no such chunk."""
+        indexed = self._bundles.get(target)
+        if indexed is None or file not in indexed.offsets:
+            return None
+        manifest = indexed.header.manifest
+        size = manifest.chunk_size
+        entry = next((e for e in manifest.files if e.path == file), None)
+        if size is None or entry is None or not 0 <= index * size < max(entry.size, 1):
+            return None
+        length = min(size, entry.size - index * size)
+        fd = os.open(indexed.path, os.O_RDONLY)
+        try:
+            return os.pread(fd, length, indexed.offsets[file] + index * size)
+        finally:
+            os.close(fd)
+
+
+def _parts(header: FetchResponse, data: bytes, max_message: int) -> Iterator[bytes]:
+    step = max(1024, max_message - FRAME_OVERHEAD)
+    for offset in range(0, max(len(data), 1), step):
+        part = header.model_copy(update={"offset": offset, "total": len(data)})
+        yield encode_frame(part, data[offset : offset + step])
+
+
+def answer_fetch(
+    request: FetchRequest, repo: BundleRepository, *, max_message: int = 1 << 20
+) -> Iterator[bytes]:
+    """The frames that answer ``request``, each at most ``max_message`` bytes."""
+    rid = request.request_id
+    if request.kind == "metadata":
+        data = repo.metadata(request.name or "")
+        if data is None:
+            yield encode_frame(
+                FetchResponse(
+                    request_id=rid,
+                    kind="error",
+                    name=request.name,
+                    status=404,
+                    error=f"no metadata {request.name!r}",
+                )
+            )
+            return
+        yield from _parts(
+            FetchResponse(request_id=rid, kind="metadata", name=request.name), data, max_message
+        )
+    elif request.kind == "manifest":
+        data = repo.manifest(request.target or "")
+        if data is None:
+            yield encode_frame(
+                FetchResponse(
+                    request_id=rid,
+                    kind="error",
+                    target=request.target,
+                    status=404,
+                    error=f"no release {request.target!r}",
+                )
+            )
+            return
+        yield from _parts(
+            FetchResponse(request_id=rid, kind="manifest", target=request.target), data, max_message
+        )
+    else:
+        for ref in request.chunks:
+            data = repo.chunk(request.target or "", ref.file, ref.index)
+            if data is None:
+                yield encode_frame(
+                    FetchResponse(
+                        request_id=rid,
+                        kind="error",
+                        target=request.target,
+                        file=ref.file,
+                        index=ref.index,
+                        status=404,
+                        error=f"no chunk {ref.index} of {ref.file!r} in {request.target!r}",
+                    )
+                )
+                continue
+            yield from _parts(
+                FetchResponse(
+                    request_id=rid,
+                    kind="chunk",
+                    target=request.target,
+                    file=ref.file,
+                    index=ref.index,
+                ),
+                data,
+                max_message,
+            )
