@@ -64,6 +64,7 @@ __all__ = [
     "InferRequest",
     "InferResponse",
     "ModelState",
+    "Phase",
     "Presence",
     "ProtocolError",
     "ReportedState",
