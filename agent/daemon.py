@@ -310,7 +310,17 @@ class Agent:
                 batch.append(self.commands.get_nowait())
             deploys = [c for c in batch if c.type == "deploy" and c.order]
             if deploys:
-                self._deploy(deploys[-1].order or "")
+                try:
+                    self._deploy(deploys[-1].order or "")
+                except Exception:  # the worker must outlive any bug: report, keep serving
+                    logger.exception("deployment crashed")
+                    self._emit(
+                        "failed",
+                        "?",
+                        "?",
+                        failure_class="internal",
+                        detail="the agent hit an internal error; see its log",
+                    )
             if any(c.type in ("check", "report") for c in batch):
                 self.report_state()
 

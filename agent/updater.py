@@ -24,6 +24,7 @@ import hashlib
 import logging
 import os
 import queue
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -250,6 +251,15 @@ class Deployer:
         except DeploymentError as e:
             e.model, e.version = release.name, release.version
             raise
+        except OSError as e:  # disk full, file size limit, I/O error: abort cleanly
+            shutil.rmtree(self.store.staging(release.name, release.version), ignore_errors=True)
+            raise DeploymentError(
+                "storage",
+                f"{release.name} {release.version}: cannot write "
+                f"the download ({e.strerror or e}); staging removed",
+                model=release.name,
+                version=release.version,
+            ) from e
 
     def _deploy_release(
         self, order_text: str, root: Root, release: ReleaseInfo

@@ -158,7 +158,7 @@ def infer(broker, app_client, x: np.ndarray, *, model: str = "cnn") -> dict:
 
 
 def test_deploy_update_and_serve_over_mqtt(broker, fleet, agent, releases):
-    proc, data_dir = agent
+    _, data_dir = agent
     fleet.deploy(DEVICE, "1.0.0")
     fleet.wait_phase(DEVICE, "activated", "1.0.0", timeout=120)
     fleet.wait_phase(DEVICE, "committed", "1.0.0", timeout=30)
