@@ -208,7 +208,7 @@ def run(
     signal.signal(signal.SIGTERM, lambda *_: agent.stop())
     signal.signal(signal.SIGINT, lambda *_: agent.stop())
     _notify("READY=1")
-    agent.run()
+    agent.run(heartbeat=lambda: _notify("WATCHDOG=1"))
     _notify("STOPPING=1")
 
 

@@ -23,6 +23,7 @@ import queue
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -244,8 +245,11 @@ class Agent:
 
     # -- threads -------------------------------------------------------------------------------
 
-    def run(self) -> None:
-        """Start everything and block until :meth:`stop` (SIGTERM in the CLI)."""
+    def run(self, heartbeat: Callable[[], None] | None = None) -> None:
+        """Start everything and block until :meth:`stop` (SIGTERM in the CLI).
+
+        ``heartbeat`` is called from the main loop every half second (systemd's watchdog).
+        """
         self._load_installed()
         self.link.start()
         workers = [
@@ -260,6 +264,8 @@ class Agent:
             worker.start()
         next_telemetry = time.monotonic() + self.settings.telemetry_interval_s
         while not self._stop.wait(0.5):
+            if heartbeat is not None:
+                heartbeat()
             self._check_probation()
             if time.monotonic() >= next_telemetry:
                 self.report_telemetry()

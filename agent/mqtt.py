@@ -4,7 +4,10 @@ Nothing here decides anything. :class:`MqttLink` connects (TLS or mutual TLS, us
 password, MQTT 3.1.1 or 5), keeps a persistent session, sets a last will, reconnects with
 exponential backoff and full jitter, and puts every happening on one :class:`queue.Queue` as a
 :class:`Connected`, :class:`Disconnected` or :class:`Message` event. The updater reads that queue
-on its own thread; no edgefleet logic ever runs on paho's network thread.
+on its own thread; no edgefleet logic ever runs on paho's network thread. paho's own thread
+(``loop_start``) does the I/O, which is what makes :meth:`MqttLink.publish` safe from any thread.
+Reconnects use paho's loop with the delay set before each attempt: exponential backoff with full
+jitter, so a fleet does not reconnect in lockstep after a broker restart.
 
 A broker that says the session was taken over (another client with our id) gets the longest
 backoff rather than a reconnect fight.
@@ -108,8 +111,6 @@ class MqttLink:
         self.connected = threading.Event()
         self._subscriptions = list(subscriptions)
         self._log = logger or logging.getLogger(__name__)
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
         self._rng = random.Random()  # noqa: S311 - jitter, not cryptography
         self._attempt = 0
         self._taken_over = False
@@ -144,6 +145,7 @@ class MqttLink:
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
+        client.on_connect_fail = self._on_connect_fail
         return client
 
     def _connect_properties(self) -> Properties | None:
@@ -187,50 +189,39 @@ class MqttLink:
             )
         )
 
-    # -- the network thread --------------------------------------------------------------------
+    # -- the network thread (paho's own: it makes publish() thread-safe) ---------------------
 
     def start(self) -> None:
         """Start connecting in the background; events arrive on :attr:`events`."""
-        self._thread = threading.Thread(target=self._run, name="edgefleet-mqtt", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
         host, port, _ = self.settings.host_port_tls
-        first = True
-        while not self._stop.is_set():
-            try:
-                if first:
-                    self._client.connect(
-                        host,
-                        port,
-                        self.settings.keepalive_s,
-                        clean_start=False,
-                        properties=self._connect_properties(),
-                    )
-                    first = False
-                else:
-                    self._client.reconnect()
-                while not self._stop.is_set():
-                    rc = self._client.loop(timeout=0.2)
-                    if rc != paho.MQTT_ERR_SUCCESS:
-                        break
-            except (OSError, ssl.SSLError, paho.WebsocketConnectionError) as e:
-                self._log.warning("cannot reach the broker at %s:%d: %s", host, port, e)
-            if self._stop.is_set():
-                break
-            self.connected.clear()
-            delay = self._next_delay()
-            self.events.put(Disconnected(reason="connection lost", retry_in_s=delay))
-            self._stop.wait(delay)
+        self._set_next_delay()
+        self._client.connect_async(
+            host,
+            port,
+            self.settings.keepalive_s,
+            clean_start=False,
+            properties=self._connect_properties(),
+        )
+        self._client.loop_start()
 
-    def _next_delay(self) -> float:
+    def _on_connect_fail(self, client: paho.Client, userdata: Any) -> None:
+        self._log.warning("cannot reach the broker at %s", self.settings.url)
+        delay = self._set_next_delay()
+        self.events.put(Disconnected(reason="connection failed", retry_in_s=delay))
+
+    def _set_next_delay(self) -> float:
+        """Tell paho how long to wait before its next attempt: backoff with full jitter."""
         s = self.settings
         if self._taken_over:  # someone else has our id: do not fight over the session
-            return s.reconnect_max_s
-        delay = backoff_delay(
-            self._attempt, minimum=s.reconnect_min_s, maximum=s.reconnect_max_s, rng=self._rng
+            delay = s.reconnect_max_s
+        else:
+            delay = backoff_delay(
+                self._attempt, minimum=s.reconnect_min_s, maximum=s.reconnect_max_s, rng=self._rng
+            )
+            self._attempt += 1
+        self._client.reconnect_delay_set(
+            min_delay=max(1, round(delay)), max_delay=max(1, round(delay))
         )
-        self._attempt += 1
         return delay
 
     # -- API for the updater -------------------------------------------------------------------
@@ -248,12 +239,9 @@ class MqttLink:
         return self.connected.wait(timeout_s)
 
     def stop(self) -> None:
-        """Disconnect cleanly (no last will) and stop the thread."""
-        self._stop.set()
-        if self.connected.is_set():
-            self._client.disconnect()
-        if self._thread is not None:
-            self._thread.join(5)
+        """Disconnect cleanly (no last will) and stop paho's thread."""
+        self._client.disconnect()
+        self._client.loop_stop()
         self.connected.clear()
 
 

@@ -193,3 +193,35 @@ def test_deploy_update_and_serve_over_mqtt(broker, fleet, agent, releases):
     assert downloaded["metrics"]["reused_bytes"] > 0  # unchanged chunks came from v1 on disk
     assert fleet.chunk_bytes_sent - sent_before < releases["2.0.0"].stat().st_size
     assert infer(broker, app, x[:1])["version"] == "2.0.0"
+
+
+def test_python_client_gets_answers_and_errors(broker, fleet, agent):
+    from agent.client import InferenceClient, InferenceError
+    from agent.mqtt import MqttSettings
+
+    _, data_dir = agent
+    fleet.deploy(DEVICE, "1.0.0")
+    fleet.wait_phase(DEVICE, "activated", "1.0.0", timeout=120)
+    cert, key = broker.pki.client("app-viewer")
+    client = InferenceClient(
+        MqttSettings(
+            url=f"mqtts://127.0.0.1:{broker.port}",
+            client_id="app-viewer",
+            ca_file=str(broker.pki.ca_cert),
+            cert_file=str(cert),
+            key_file=str(key),
+        ),
+        device_id=DEVICE,
+        app_id="app-viewer",
+    )
+    try:
+        model_dir = data_dir / "models" / "cnn" / "current"
+        x = np.load(model_dir / "vectors" / "input.npy")
+        golden = np.load(model_dir / "vectors" / "output.npy")
+        version, outputs = client.infer("cnn", {"input": x})
+        assert version == "1.0.0"
+        assert np.abs(outputs["output"] - golden).max() <= 1e-4
+        with pytest.raises(InferenceError, match="unknown inputs \\['wrong'\\]"):
+            client.infer("cnn", {"wrong": x})
+    finally:
+        client.close()

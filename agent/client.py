@@ -1,0 +1,101 @@
+"""The Python API for applications on (or near) a device: inference through the agent.
+
+In the agent's own process, call :meth:`agent.daemon.Agent.infer`. From another process, use
+:class:`InferenceClient`, which speaks the MQTT request/response protocol with correlation ids
+(``infer/request`` -> ``infer/response/<app_id>``) on the fleet broker or one on the device::
+
+    client = InferenceClient(MqttSettings(url="mqtt://127.0.0.1:1883", client_id="app-viewer"),
+                             device_id="dev-001", app_id="app-viewer")
+    version, outputs = client.infer("cnn", {"input": x})
+"""
+
+from __future__ import annotations
+
+import queue
+import time
+import uuid
+from collections.abc import Mapping
+
+import numpy as np
+
+from agent.mqtt import Message, MqttLink, MqttSettings
+from shared.errors import EdgefleetError
+from shared.protocol import (
+    INFER_REQUEST,
+    INFER_RESPONSE,
+    InferRequest,
+    InferResponse,
+    ProtocolError,
+    device_topic,
+    parse_payload,
+)
+
+__all__ = ["InferenceClient", "InferenceError"]
+
+
+class InferenceError(EdgefleetError):
+    """The agent answered with an error, or did not answer in time."""
+
+    default_check = "inference"
+
+
+class InferenceClient:
+    """Request inference from a device's agent over MQTT. One request at a time per client."""
+
+    def __init__(
+        self, settings: MqttSettings, *, device_id: str, app_id: str, timeout_s: float = 10.0
+    ) -> None:
+        self.device_id = device_id
+        self.app_id = app_id
+        self.timeout_s = timeout_s
+        self._responses = device_topic(device_id, f"{INFER_RESPONSE}/{app_id}")
+        self._link = MqttLink(settings, subscriptions=[(self._responses, 1)])
+        self._link.start()
+        if not self._link.wait_connected(timeout_s):
+            self._link.stop()
+            raise InferenceError(f"cannot connect to {settings.url} within {timeout_s:g} s")
+
+    def infer(
+        self, model: str, inputs: Mapping[str, np.ndarray]
+    ) -> tuple[str, dict[str, np.ndarray]]:
+        """Run ``model`` on ``inputs`` (one input or a batch); return (version, outputs).
+
+        Raises:
+            InferenceError: the agent refused (the message says why) or timed out.
+        """
+        correlation = uuid.uuid4().hex
+        request = InferRequest(
+            correlation_id=correlation,
+            model=model,
+            reply_to=self.app_id,
+            inputs={k: np.asarray(v).tolist() for k, v in inputs.items()},
+        )
+        topic = device_topic(self.device_id, INFER_REQUEST)
+        if not self._link.publish(topic, request.model_dump_json().encode()):
+            raise InferenceError("not connected to the broker")
+        deadline = time.monotonic() + self.timeout_s
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                event = self._link.events.get(timeout=left)
+            except queue.Empty:
+                break
+            if not isinstance(event, Message) or event.topic != self._responses:
+                continue
+            try:
+                response = parse_payload(InferResponse, event.payload, what="inference response")
+            except ProtocolError:
+                continue
+            if response.correlation_id != correlation:
+                continue  # a late answer to an earlier request
+            if not response.ok:
+                raise InferenceError(f"{model}: {response.error}")
+            outputs = {
+                k: np.asarray(v, dtype=np.float32) for k, v in (response.outputs or {}).items()
+            }
+            return response.version or "?", outputs
+        raise InferenceError(
+            f"{model}: no answer from {self.device_id} within {self.timeout_s:g} s"
+        )
+
+    def close(self) -> None:
+        self._link.stop()
