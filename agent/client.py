@@ -18,8 +18,8 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from agent.mqtt import Message, MqttLink, MqttSettings
 from shared.errors import EdgefleetError
+from shared.mqtt import Message, MqttLink, MqttSettings
 from shared.protocol import (
     INFER_REQUEST,
     INFER_RESPONSE,

@@ -2,7 +2,7 @@
 
 Threads, and what each may touch:
 
-- paho's network thread (inside :class:`~agent.mqtt.MqttLink`): only enqueues events;
+- paho's network thread (inside :class:`~shared.mqtt.MqttLink`): only enqueues events;
 - the **dispatcher** reads link events and routes them: fetch frames to the fetch client,
   commands to the worker queue, inference requests to the inference queue; on (re)connect it
   announces presence, reports state and drains the outbox;
@@ -31,12 +31,12 @@ import numpy as np
 
 from agent.config import AgentSettings
 from agent.fetch import FetchClient
-from agent.mqtt import Connected, Disconnected, Message, MqttLink, MqttSettings
 from agent.outbox import Outbox
 from agent.runtimes.inventory import scan
 from agent.store import ModelStore, write_atomic
 from agent.updater import ActiveModel, Deployer, DeploymentError
 from shared.errors import EdgefleetError
+from shared.mqtt import Connected, Disconnected, Message, MqttLink, MqttSettings
 from shared.protocol import (
     DOWN_CMD,
     DOWN_FETCH,

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from tuf.api import exceptions as tuf_errors
 from tuf.ngclient import FetcherInterface
 
-from agent.mqtt import MqttLink
+from shared.mqtt import MqttLink
 from shared.protocol import (
     UP_FETCH,
     FetchRequest,

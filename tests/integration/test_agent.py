@@ -197,7 +197,7 @@ def test_deploy_update_and_serve_over_mqtt(broker, fleet, agent, releases):
 
 def test_python_client_gets_answers_and_errors(broker, fleet, agent):
     from agent.client import InferenceClient, InferenceError
-    from agent.mqtt import MqttSettings
+    from shared.mqtt import MqttSettings
 
     _, data_dir = agent
     fleet.deploy(DEVICE, "1.0.0")

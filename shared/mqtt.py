@@ -1,4 +1,6 @@
-"""The agent's only contact with paho-mqtt: a link that turns callbacks into queued events.
+"""The project's only contact with paho-mqtt: a link that turns callbacks into queued events.
+
+Both sides use it: the agent (one link per broker) and the fleet service's bridge.
 
 Nothing here decides anything. :class:`MqttLink` connects (TLS or mutual TLS, username and
 password, MQTT 3.1.1 or 5), keeps a persistent session, sets a last will, reconnects with
