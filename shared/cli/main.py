@@ -10,6 +10,7 @@ from __future__ import annotations
 import typer
 
 from agent import cli as agent_cli
+from fleet import cli as fleet_cli
 from shared.cli import bundle, demo, keys, models
 from shared.cli.common import fail
 from shared.errors import EdgefleetError, UsageError
@@ -27,6 +28,9 @@ app.add_typer(models.app, name="models")
 app.add_typer(keys.app, name="keys")
 app.add_typer(bundle.app, name="bundle")
 app.add_typer(agent_cli.app, name="agent")
+app.add_typer(fleet_cli.fleet_app, name="fleet")
+app.add_typer(fleet_cli.release_app, name="release")
+app.add_typer(fleet_cli.device_app, name="device")
 app.command("demo")(demo.demo)
 
 

@@ -1,0 +1,237 @@
+"""HTTP API routers: validate, call crud/releases, return. Authorisation by token role.
+
+Roles: ``viewer`` reads; ``operator`` also publishes releases and acts on rollouts; ``admin``
+also enrolls devices and manages tokens. Tokens arrive as ``Authorization: Bearer <token>``.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Callable, Iterator
+from datetime import datetime
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, HTTPException, Query, Request, status
+from pydantic import BaseModel
+from sqlmodel import Session, col, select
+
+from fleet import crud
+from fleet.models import ApiToken, AuditEntry, Device, DeviceEvent, DeviceModel, Release
+from fleet.releases import ReleaseConflictError, publish_release
+from shared.errors import EdgefleetError
+
+__all__ = ["router"]
+
+router = APIRouter(prefix="/api/v1")
+ROLE_RANK = {"viewer": 0, "operator": 1, "admin": 2}
+
+
+def get_session(request: Request) -> Iterator[Session]:
+    with Session(request.app.state.engine) as session:
+        yield session
+
+
+SessionDep = Annotated[Session, Depends(get_session)]
+
+
+def require(role: str) -> Callable[..., ApiToken]:
+    """A dependency that admits tokens of ``role`` or a higher one."""
+
+    def check(request: Request, session: SessionDep) -> ApiToken:
+        header = request.headers.get("authorization", "")
+        scheme, _, secret = header.partition(" ")
+        if scheme.lower() != "bearer" or not secret:
+            raise HTTPException(
+                status.HTTP_401_UNAUTHORIZED,
+                "expected 'Authorization: Bearer <token>'",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+        token = crud.authenticate(session, secret.strip())
+        if token is None:
+            raise HTTPException(
+                status.HTTP_401_UNAUTHORIZED,
+                "unknown or revoked token",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+        if ROLE_RANK[token.role] < ROLE_RANK[role]:
+            raise HTTPException(
+                status.HTTP_403_FORBIDDEN,
+                f"this action needs the {role} role; the token has {token.role}",
+            )
+        return token
+
+    return check
+
+
+Viewer = Annotated[ApiToken, Depends(require("viewer"))]
+Operator = Annotated[ApiToken, Depends(require("operator"))]
+Admin = Annotated[ApiToken, Depends(require("admin"))]
+
+
+class DeviceOut(BaseModel):
+    id: str
+    online: bool
+    hardware_class: str | None
+    group: str | None
+    last_seen: datetime | None
+    models: dict[str, str | None]
+
+
+class ReleaseOut(BaseModel):
+    name: str
+    version: str
+    counter: int
+    rollback_floor: int
+    expires: datetime
+    manifest_sha256: str
+    size: int
+    formats: list[str]
+    hardware_ids: list[str]
+    published_at: datetime
+    published_by: str
+
+
+def _device_out(device: Device, models: dict[str, Any]) -> DeviceOut:
+    return DeviceOut(
+        id=device.id,
+        online=device.online,
+        hardware_class=device.hardware_class,
+        group=device.group,
+        last_seen=device.last_seen,
+        models=models,
+    )
+
+
+@router.get("/whoami")
+def whoami(token: Viewer) -> dict[str, str]:
+    return {"name": token.name, "role": token.role}
+
+
+@router.get("/devices", response_model=list[DeviceOut])
+def list_devices(
+    session: SessionDep,
+    _: Viewer,
+    online: bool | None = None,
+    hardware_class: Annotated[str | None, Query(max_length=128)] = None,
+    search: Annotated[str | None, Query(max_length=64)] = None,
+    limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
+    offset: Annotated[int, Query(ge=0)] = 0,
+) -> list[DeviceOut]:
+    query = select(Device).order_by(col(Device.id))
+    if online is not None:
+        query = query.where(Device.online == online)
+    if hardware_class:
+        query = query.where(Device.hardware_class == hardware_class)
+    if search:
+        query = query.where(col(Device.id).contains(search))
+    devices = list(session.exec(query.offset(offset).limit(limit)))
+    models = crud.device_models(session, [d.id for d in devices])
+    return [_device_out(d, models[d.id]) for d in devices]
+
+
+@router.get("/devices/{device_id}")
+def show_device(device_id: str, session: SessionDep, _: Viewer) -> dict[str, Any]:
+    device = session.get(Device, device_id)
+    if device is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no device {device_id!r}")
+    models = session.exec(select(DeviceModel).where(DeviceModel.device_id == device_id))
+    events = session.exec(
+        select(DeviceEvent)
+        .where(DeviceEvent.device_id == device_id)
+        .order_by(col(DeviceEvent.seq).desc())
+        .limit(100)
+    )
+    return {
+        **_device_out(device, {m.model: m.version for m in models}).model_dump(mode="json"),
+        "inventory": device.inventory,
+        "model_details": [
+            m.model_dump(mode="json")
+            for m in session.exec(select(DeviceModel).where(DeviceModel.device_id == device_id))
+        ],
+        "events": [e.model_dump(mode="json", exclude={"id"}) for e in events],
+    }
+
+
+@router.get("/releases", response_model=list[ReleaseOut])
+def list_releases(session: SessionDep, _: Viewer) -> list[Release]:
+    return crud.releases(session)
+
+
+@router.post("/releases", response_model=ReleaseOut, status_code=status.HTTP_201_CREATED)
+async def upload_release(request: Request, token: Operator) -> Release:
+    """Upload a signed bundle (the raw file as the request body)."""
+    settings = request.app.state.settings
+    declared = int(request.headers.get("content-length") or 0)
+    if declared > settings.max_upload_bytes:
+        raise HTTPException(
+            status.HTTP_413_CONTENT_TOO_LARGE,
+            f"bundle of {declared} bytes exceeds the limit of {settings.max_upload_bytes}",
+        )
+    with tempfile.SpooledTemporaryFile(max_size=8 << 20) as spool:
+        received = 0
+        async for chunk in request.stream():
+            received += len(chunk)
+            if received > settings.max_upload_bytes:
+                raise HTTPException(
+                    status.HTTP_413_CONTENT_TOO_LARGE,
+                    f"upload exceeds the limit of {settings.max_upload_bytes}",
+                )
+            spool.write(chunk)
+        spool.seek(0)
+        with Session(request.app.state.engine) as session:
+            try:
+                release = publish_release(
+                    session,
+                    spool,  # type: ignore[arg-type]
+                    bundles_dir=settings.bundles_dir,
+                    trust_root=request.app.state.trust_root,
+                    actor=token.name,
+                    max_bytes=settings.max_upload_bytes,
+                )
+            except ReleaseConflictError as e:
+                raise HTTPException(status.HTTP_409_CONFLICT, str(e)) from e
+            except EdgefleetError as e:
+                raise HTTPException(
+                    status.HTTP_422_UNPROCESSABLE_CONTENT, f"bundle refused: {e}"
+                ) from e
+            session.commit()
+            session.refresh(release)
+            request.app.state.on_release(release)
+            return release
+
+
+@router.get("/audit")
+def audit_log(
+    session: SessionDep, _: Viewer, limit: Annotated[int, Query(ge=1, le=10_000)] = 200
+) -> dict[str, Any]:
+    entries = session.exec(select(AuditEntry).order_by(col(AuditEntry.id).desc()).limit(limit))
+    return {
+        "chain_ok": crud.verify_audit_chain(session) is None,
+        "entries": [e.model_dump(mode="json") for e in entries],
+    }
+
+
+class TokenIn(BaseModel):
+    name: str
+    role: str
+
+
+@router.post("/tokens", status_code=status.HTTP_201_CREATED)
+def create_token(body: TokenIn, session: SessionDep, token: Admin) -> dict[str, str]:
+    if body.role not in crud.ROLES:
+        raise HTTPException(
+            status.HTTP_422_UNPROCESSABLE_CONTENT,
+            f"role must be one of {', '.join(crud.ROLES)}, got {body.role!r}",
+        )
+    if session.exec(select(ApiToken).where(ApiToken.name == body.name)).first():
+        raise HTTPException(status.HTTP_409_CONFLICT, f"a token named {body.name!r} exists")
+    secret = crud.create_token(session, name=body.name, role=body.role)
+    crud.append_audit(
+        session,
+        actor=token.name,
+        action="token.create",
+        target=body.name,
+        details={"role": body.role},
+    )
+    session.commit()
+    return {"name": body.name, "role": body.role, "token": secret}

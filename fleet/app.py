@@ -1,0 +1,113 @@
+"""``create_app(settings)``: the fleet service as a FastAPI application.
+
+Start-up (in the lifespan): open the database and apply migrations, make sure an admin token
+exists (``EDGEFLEET_ADMIN_TOKEN``, or a generated one saved to ``<data_dir>/admin-token`` with
+mode 0600), index the published bundles, and start the MQTT bridge when a broker is configured.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, Gauge, generate_latest
+from sqlmodel import Session, select
+
+from fleet import crud
+from fleet.api import router
+from fleet.config import FleetSettings
+from fleet.db import make_engine, migrate
+from fleet.distribution import BundleRepository
+from fleet.models import ApiToken, Release
+from fleet.mqtt_bridge import MqttBridge
+from shared.errors import UsageError
+
+__all__ = ["bootstrap_admin_token", "create_app"]
+
+logger = logging.getLogger(__name__)
+DEVICES = Gauge("edgefleet_devices", "Devices known to the fleet")
+
+
+def bootstrap_admin_token(settings: FleetSettings, session: Session) -> Path | None:
+    """Ensure an admin token exists; return where a generated one was saved (else None)."""
+    given = os.environ.get("EDGEFLEET_ADMIN_TOKEN")
+    if given:
+        if crud.authenticate(session, given) is None:
+            if session.exec(select(ApiToken).where(ApiToken.name == "admin")).first():
+                raise UsageError("EDGEFLEET_ADMIN_TOKEN differs from the stored admin token")
+            crud.create_token(session, name="admin", role="admin", secret=given)
+            session.commit()
+        return None
+    if session.exec(select(ApiToken).where(ApiToken.role == "admin")).first():
+        return None
+    secret = crud.create_token(session, name="admin", role="admin")
+    session.commit()
+    path = settings.data_dir / "admin-token"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(secret + "\n")
+    return path
+
+
+def _trust_root(settings: FleetSettings) -> bytes:
+    if settings.keys is None:
+        raise UsageError("the fleet needs --keys KEYS_DIR (its root.json verifies releases)")
+    path = settings.keys / "root.json"
+    if not path.is_file():
+        raise UsageError(f"{path}: no trust root there (create keys with 'edgefleet keys init')")
+    return path.read_bytes()
+
+
+def create_app(settings: FleetSettings) -> FastAPI:
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    engine = make_engine(settings.database_url)
+    trust_root = _trust_root(settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        migrate(engine)
+        with Session(engine) as session:
+            saved = bootstrap_admin_token(settings, session)
+            if saved is not None:
+                logger.warning("created an admin token; it is saved in %s", saved)
+            for release in session.exec(select(Release)):
+                if Path(release.path).is_file():
+                    repo.add(Path(release.path))
+        bridge = MqttBridge(settings, engine, repo) if settings.broker else None
+        app.state.bridge = bridge
+        if bridge is not None:
+            bridge.start()
+        yield
+        if bridge is not None:
+            bridge.stop()
+        engine.dispose()
+
+    app = FastAPI(title="edgefleet fleet service", version="0.1.0", lifespan=lifespan)
+    repo = BundleRepository()
+    app.state.settings = settings
+    app.state.engine = engine
+    app.state.trust_root = trust_root
+    app.state.repo = repo
+    app.state.on_release = lambda release: repo.add(Path(release.path))
+    app.include_router(router)
+
+    @app.get("/healthz")
+    def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/metrics")
+    def metrics() -> Response:
+        with Session(engine) as session:
+            DEVICES.set(crud.count_devices(session))
+        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.exception_handler(UsageError)
+    async def usage_error(_: Request, exc: UsageError) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=422)
+
+    return app

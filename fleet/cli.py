@@ -1,0 +1,199 @@
+"""``edgefleet fleet``, ``edgefleet release`` and ``edgefleet device``: run and drive the fleet."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from shared.cli.common import console, print_json
+from shared.errors import UsageError
+
+fleet_app = typer.Typer(help="Run the fleet service.", no_args_is_help=True)
+release_app = typer.Typer(help="Publish and list releases.", no_args_is_help=True)
+device_app = typer.Typer(help="List and inspect devices.", no_args_is_help=True)
+
+FleetUrl = Annotated[str | None, typer.Option("--fleet", help="Fleet URL (or EDGEFLEET_URL).")]
+
+
+@fleet_app.command("serve")
+def serve(
+    db: Annotated[
+        str | None, typer.Option(help="sqlite:///... (default) or postgresql+psycopg://...")
+    ] = None,
+    broker: Annotated[str | None, typer.Option(help="mqtt://HOST:PORT or mqtts://...")] = None,
+    keys: Annotated[Path | None, typer.Option(help="The key directory (root.json).")] = None,
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8080,
+    data_dir: Annotated[Path, typer.Option(help="Bundles, SQLite file, admin token.")] = Path(
+        "edgefleet-fleet"
+    ),
+    ca_file: Annotated[Path | None, typer.Option(help="CA for mqtts://.")] = None,
+    cert_file: Annotated[
+        Path | None, typer.Option(help="The service's client certificate.")
+    ] = None,
+    key_file: Annotated[Path | None, typer.Option(help="The service's client key.")] = None,
+) -> None:
+    """Serve the API and bridge the broker. Migrations are applied on start."""
+    import uvicorn
+
+    from fleet.app import create_app
+    from fleet.config import FleetSettings
+
+    settings = FleetSettings(
+        db=db,
+        broker=broker,
+        keys=keys,
+        host=host,
+        port=port,
+        data_dir=data_dir,
+        ca_file=ca_file,
+        cert_file=cert_file,
+        key_file=key_file,
+    )
+    app = create_app(settings)
+    console.print(
+        f"fleet service on http://{host}:{port} (API docs at /docs), database "
+        f"{settings.database_url.split('@')[-1]}"
+    )
+    uvicorn.run(app, host=host, port=port, log_level="info")
+
+
+@fleet_app.command("migrate")
+def migrate_cmd(
+    db: Annotated[str | None, typer.Option(help="Database URL.")] = None,
+    data_dir: Annotated[Path, typer.Option(help="For the default SQLite file.")] = Path(
+        "edgefleet-fleet"
+    ),
+) -> None:
+    """Apply the database migrations and exit."""
+    from fleet.config import FleetSettings
+    from fleet.db import make_engine, migrate
+
+    settings = FleetSettings(db=db, data_dir=data_dir)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    migrate(make_engine(settings.database_url))
+    console.print(f"database at {settings.database_url.split('@')[-1]} is up to date")
+
+
+@fleet_app.command("broker-config")
+def broker_config(
+    out_dir: Annotated[Path, typer.Argument(help="Where to write mosquitto.conf and acl.")],
+    cafile: Annotated[Path, typer.Option(help="CA that issues device certificates.")],
+    certfile: Annotated[Path, typer.Option(help="The broker's server certificate.")],
+    keyfile: Annotated[Path, typer.Option(help="The broker's server key.")],
+    crlfile: Annotated[Path | None, typer.Option(help="Certificate revocation list.")] = None,
+    port: Annotated[int, typer.Option(help="TLS listener port.")] = 8883,
+    fleet_identity: Annotated[str, typer.Option(help="CN of the fleet's certificate.")] = (
+        "fleet-svc"
+    ),
+) -> None:
+    """Write a Mosquitto configuration: TLS listener, per-device ACLs, the fleet identity."""
+    from fleet.broker_config import BrokerConfig, write_broker_config
+
+    cfg = BrokerConfig(
+        cafile=cafile, certfile=certfile, keyfile=keyfile, crlfile=crlfile, port=port
+    )
+    paths = write_broker_config(out_dir, cfg, fleet_identity=fleet_identity)
+    console.print(
+        f"wrote {paths['conf']} and {paths['acl']}; start with: mosquitto -c {paths['conf']}"
+    )
+
+
+def _client(fleet: str | None) -> Any:
+    import httpx
+
+    url = fleet or os.environ.get("EDGEFLEET_URL")
+    token = os.environ.get("EDGEFLEET_TOKEN")
+    if not url:
+        raise UsageError("no fleet URL: pass --fleet URL or set EDGEFLEET_URL")
+    if not token:
+        raise UsageError(
+            "no token: set EDGEFLEET_TOKEN (the admin token is in the fleet's "
+            "data directory, file admin-token)"
+        )
+    return httpx.Client(
+        base_url=url.rstrip("/"), headers={"Authorization": f"Bearer {token}"}, timeout=60
+    )
+
+
+def _check(response: Any) -> Any:
+    if response.status_code >= 400:
+        try:
+            detail = response.json().get("detail")
+        except ValueError:
+            detail = response.text
+        raise UsageError(f"the fleet refused: {response.status_code} {detail}")
+    return response.json()
+
+
+@release_app.command("publish")
+def publish(
+    bundle: Annotated[Path, typer.Argument(help="A signed bundle.")], fleet: FleetUrl = None
+) -> None:
+    """Upload a signed bundle; the service verifies it against the trust root first."""
+    if not bundle.is_file():
+        raise UsageError(f"{bundle}: no such file")
+    with _client(fleet) as client, bundle.open("rb") as f:
+        release = _check(
+            client.post(
+                "/api/v1/releases", content=f, headers={"content-type": "application/octet-stream"}
+            )
+        )
+    console.print(
+        f"published {release['name']} {release['version']} (counter "
+        f"{release['counter']}, {release['size']:,} bytes)"
+    )
+
+
+@release_app.command("list")
+def list_releases(
+    fleet: FleetUrl = None, as_json: Annotated[bool, typer.Option("--json")] = False
+) -> None:
+    """List published releases."""
+    with _client(fleet) as client:
+        releases = _check(client.get("/api/v1/releases"))
+    if as_json:
+        print_json(releases)
+        return
+    for r in releases:
+        console.print(
+            f"{r['name']} {r['version']}  counter {r['counter']}  "
+            f"{', '.join(r['formats'])}  expires {r['expires']}"
+        )
+
+
+@device_app.command("list")
+def list_devices(
+    fleet: FleetUrl = None, as_json: Annotated[bool, typer.Option("--json")] = False
+) -> None:
+    """List devices with their online state and the versions they report running."""
+    with _client(fleet) as client:
+        devices = _check(client.get("/api/v1/devices", params={"limit": 10_000}))
+    if as_json:
+        print_json(devices)
+        return
+    for d in devices:
+        models = ", ".join(f"{m}={v}" for m, v in d["models"].items()) or "-"
+        console.print(
+            f"{d['id']:24} {'online ' if d['online'] else 'offline'} "
+            f"{d['hardware_class'] or '?':24} {models}"
+        )
+
+
+@device_app.command("show")
+def show_device(
+    device_id: Annotated[str, typer.Argument()],
+    fleet: FleetUrl = None,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Show one device: inventory, models and recent deployment events."""
+    with _client(fleet) as client:
+        device = _check(client.get(f"/api/v1/devices/{device_id}"))
+    if as_json:
+        print_json(device)
+        return
+    console.print(json.dumps(device, indent=2, default=str))

@@ -1,0 +1,246 @@
+"""Database operations of the fleet service. Functions take a Session; the caller commits.
+
+Ingest functions are idempotent: a report seen twice (MQTT QoS 1 redelivery, two replicas) is
+stored once, thanks to the ``(device_id, seq)`` unique constraints, and a state report older than
+the newest one stored is ignored.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import secrets
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import func, text
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlmodel import Session, col, select
+
+from fleet.models import (
+    ApiToken,
+    AuditEntry,
+    Device,
+    DeviceEvent,
+    DeviceModel,
+    Release,
+    TelemetrySample,
+)
+from shared.protocol import DeploymentEvent, ReportedState, Telemetry
+
+__all__ = [
+    "ROLES",
+    "append_audit",
+    "authenticate",
+    "create_token",
+    "ingest_events",
+    "ingest_state",
+    "ingest_telemetry",
+    "verify_audit_chain",
+]
+
+ROLES = ("viewer", "operator", "admin")
+GENESIS = "0" * 64
+
+
+def now_utc() -> datetime:
+    return datetime.now(UTC)
+
+
+# -- tokens --------------------------------------------------------------------------------------
+
+
+def _digest(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def create_token(session: Session, *, name: str, role: str, secret: str | None = None) -> str:
+    """Store a new token (only its SHA-256) and return the secret, shown once."""
+    if role not in ROLES:
+        raise ValueError(f"role must be one of {', '.join(ROLES)}, got {role!r}")
+    secret = secret or "ef_" + secrets.token_urlsafe(32)
+    session.add(ApiToken(name=name, role=role, secret_sha256=_digest(secret), created_at=now_utc()))
+    return secret
+
+
+def authenticate(session: Session, secret: str) -> ApiToken | None:
+    """The live token with this secret, or None. Constant work whatever the input."""
+    if not secret or len(secret) > 256:
+        return None
+    token = session.exec(select(ApiToken).where(ApiToken.secret_sha256 == _digest(secret))).first()
+    return token if token is not None and not token.revoked else None
+
+
+# -- audit log -----------------------------------------------------------------------------------
+
+
+def _entry_hash(prev: str, entry: AuditEntry) -> str:
+    """SHA-256 over the previous entry's hash and this entry's time, actor, action, target and
+    details: changing, removing or reordering any entry breaks every hash after it."""
+    time = entry.time if entry.time.tzinfo else entry.time.replace(tzinfo=UTC)
+    material = json.dumps(
+        [prev, time.isoformat(), entry.actor, entry.action, entry.target, entry.details],
+        sort_keys=True,
+        default=str,
+    )
+    return hashlib.sha256(material.encode()).hexdigest()
+
+
+def append_audit(
+    session: Session, *, actor: str, action: str, target: str, details: dict[str, Any] | None = None
+) -> AuditEntry:
+    """Append an entry chained to the previous one (serialised across replicas)."""
+    if session.get_bind().dialect.name == "postgresql":
+        session.connection().execute(text("SELECT pg_advisory_xact_lock(7261)"))
+    last = session.exec(select(AuditEntry).order_by(col(AuditEntry.id).desc()).limit(1)).first()
+    prev = last.hash if last else GENESIS
+    time = now_utc().replace(microsecond=0)
+    details = details or {}
+    entry = AuditEntry(
+        time=time,
+        actor=actor,
+        action=action,
+        target=target,
+        details=details,
+        prev_hash=prev,
+        hash="",
+    )
+    entry.hash = _entry_hash(prev, entry)
+    session.add(entry)
+    session.flush()
+    return entry
+
+
+def verify_audit_chain(session: Session) -> int | None:
+    """The id of the first entry whose hash or link is wrong, or None if the chain holds."""
+    prev = GENESIS
+    for entry in session.exec(select(AuditEntry).order_by(col(AuditEntry.id))):
+        expected = _entry_hash(prev, entry)
+        if entry.prev_hash != prev or entry.hash != expected:
+            return entry.id
+        prev = entry.hash
+    return None
+
+
+# -- device reports ------------------------------------------------------------------------------
+
+
+def _insert_ignore(session: Session, model: Any, rows: Sequence[dict[str, Any]]) -> int:
+    """INSERT ... ON CONFLICT DO NOTHING, in one statement; returns rows inserted."""
+    if not rows:
+        return 0
+    dialect = session.get_bind().dialect.name
+    insert = pg_insert if dialect == "postgresql" else sqlite_insert
+    statement = insert(model).values(list(rows)).on_conflict_do_nothing()
+    result = session.connection().execute(statement)
+    return int(result.rowcount or 0)
+
+
+def _touch(session: Session, device_id: str, seen: datetime) -> Device:
+    device = session.get(Device, device_id)
+    if device is None:
+        device = Device(id=device_id, last_seen=seen, online=True)
+        session.add(device)
+    else:
+        device.last_seen = max(device.last_seen or seen, seen) if device.last_seen else seen
+        device.online = True
+    return device
+
+
+def ingest_state(session: Session, state: ReportedState) -> bool:
+    """Record a device's reported state; False if it is older than what is stored."""
+    device = _touch(session, state.device_id, state.time)
+    if state.seq <= device.last_state_seq:
+        return False
+    device.last_state_seq = state.seq
+    device.hardware_class = state.hardware_class or device.hardware_class
+    if state.inventory is not None:
+        device.inventory = state.inventory
+    for name, model in state.models.items():
+        row = session.exec(
+            select(DeviceModel).where(
+                DeviceModel.device_id == state.device_id, DeviceModel.model == name
+            )
+        ).first()
+        if row is None:
+            row = DeviceModel(device_id=state.device_id, model=name, updated_at=state.time)
+            session.add(row)
+        row.version, row.runtime = model.version, model.runtime
+        row.previous_version, row.state = model.previous_version, model.state
+        row.updated_at = state.time
+    return True
+
+
+def ingest_events(session: Session, events: Sequence[DeploymentEvent]) -> int:
+    for device_id in {e.device_id for e in events}:
+        _touch(session, device_id, max(e.time for e in events if e.device_id == device_id))
+    session.flush()
+    return _insert_ignore(
+        session,
+        DeviceEvent,
+        [
+            {
+                "device_id": e.device_id,
+                "seq": e.seq,
+                "time": e.time,
+                "model": e.model,
+                "version": e.version,
+                "phase": e.phase,
+                "failure_class": e.failure_class,
+                "detail": e.detail,
+                "deployment_id": e.deployment_id,
+            }
+            for e in events
+        ],
+    )
+
+
+def ingest_telemetry(session: Session, samples: Sequence[Telemetry]) -> int:
+    for device_id in {t.device_id for t in samples}:
+        _touch(session, device_id, max(t.time for t in samples if t.device_id == device_id))
+    session.flush()
+    return _insert_ignore(
+        session,
+        TelemetrySample,
+        [
+            {
+                "device_id": t.device_id,
+                "seq": t.seq,
+                "time": t.time,
+                "models": t.models,
+                "health": t.health,
+                "dropped": t.dropped,
+            }
+            for t in samples
+        ],
+    )
+
+
+def set_presence(session: Session, device_id: str, *, online: bool) -> None:
+    device = _touch(session, device_id, now_utc())
+    device.online = online
+
+
+# -- queries -------------------------------------------------------------------------------------
+
+
+def device_models(session: Session, device_ids: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """``{device_id: {model: version}}`` for the given devices."""
+    result: dict[str, dict[str, Any]] = {d: {} for d in device_ids}
+    rows = session.exec(select(DeviceModel).where(col(DeviceModel.device_id).in_(device_ids)))
+    for row in rows:
+        result[row.device_id][row.model] = row.version
+    return result
+
+
+def count_devices(session: Session) -> int:
+    return int(session.exec(select(func.count()).select_from(Device)).one())
+
+
+def releases(session: Session, name: str | None = None) -> list[Release]:
+    query = select(Release).order_by(col(Release.name), col(Release.counter))
+    if name:
+        query = query.where(Release.name == name)
+    return list(session.exec(query))

@@ -1,0 +1,131 @@
+"""The fleet's database tables (SQLModel). Schema changes go through Alembic (``fleet/migrations``).
+
+Times are UTC. Device ids, model names and versions use the same patterns as the protocol and
+the bundle format. Nothing here holds logic: queries live in :mod:`fleet.crud`.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import JSON, Column, Index, UniqueConstraint
+from sqlmodel import Field, SQLModel
+
+__all__ = [
+    "ApiToken",
+    "AuditEntry",
+    "Device",
+    "DeviceEvent",
+    "DeviceModel",
+    "Release",
+    "TelemetrySample",
+]
+
+
+class Device(SQLModel, table=True):
+    """A device known to the fleet: enrolled, or seen on the broker."""
+
+    id: str = Field(primary_key=True, max_length=64)
+    hardware_class: str | None = Field(default=None, max_length=128)
+    group: str | None = Field(default=None, max_length=64, index=True)
+    labels: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    inventory: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))
+    online: bool = False
+    enrolled_at: datetime | None = None
+    last_seen: datetime | None = None
+    last_state_seq: int = 0
+    pinned: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+
+
+class DeviceModel(SQLModel, table=True):
+    """What a device reports it really runs, per model (also after a local rollback)."""
+
+    __table_args__ = (UniqueConstraint("device_id", "model"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    device_id: str = Field(foreign_key="device.id", max_length=64, index=True)
+    model: str = Field(max_length=64)
+    version: str | None = Field(default=None, max_length=64)
+    runtime: str | None = Field(default=None, max_length=256)
+    previous_version: str | None = Field(default=None, max_length=64)
+    state: str = Field(default="none", max_length=16)
+    updated_at: datetime
+
+
+class DeviceEvent(SQLModel, table=True):
+    """A deployment event as the device reported it; (device_id, seq) is unique (dedup)."""
+
+    __table_args__ = (
+        UniqueConstraint("device_id", "seq"),
+        Index("ix_event_model_version", "model", "version"),
+    )
+
+    id: int | None = Field(default=None, primary_key=True)
+    device_id: str = Field(max_length=64, index=True)
+    seq: int
+    time: datetime
+    model: str = Field(max_length=64)
+    version: str = Field(max_length=64)
+    phase: str = Field(max_length=16)
+    failure_class: str | None = Field(default=None, max_length=32)
+    detail: str | None = Field(default=None, max_length=4096)
+    deployment_id: str | None = Field(default=None, max_length=64)
+
+
+class TelemetrySample(SQLModel, table=True):
+    """One telemetry report; (device_id, seq) is unique (dedup)."""
+
+    __table_args__ = (UniqueConstraint("device_id", "seq"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    device_id: str = Field(max_length=64, index=True)
+    seq: int
+    time: datetime
+    models: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    health: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    dropped: int = 0
+
+
+class Release(SQLModel, table=True):
+    """A signed bundle published to the fleet (verified against the trust root on upload)."""
+
+    __table_args__ = (UniqueConstraint("name", "version"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    name: str = Field(max_length=64, index=True)
+    version: str = Field(max_length=64)
+    counter: int
+    rollback_floor: int
+    expires: datetime
+    manifest_sha256: str = Field(max_length=64)
+    size: int
+    formats: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    hardware_ids: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    path: str = Field(max_length=1024)
+    published_at: datetime
+    published_by: str = Field(max_length=64)
+
+
+class ApiToken(SQLModel, table=True):
+    """An API token, stored as a SHA-256 of the secret; the role decides what it may do."""
+
+    id: int | None = Field(default=None, primary_key=True)
+    name: str = Field(max_length=64, unique=True)
+    role: str = Field(max_length=16)  # viewer, operator, admin
+    secret_sha256: str = Field(max_length=64, unique=True)
+    created_at: datetime
+    revoked: bool = False
+
+
+class AuditEntry(SQLModel, table=True):
+    """Append-only, hash-chained: each entry's hash covers its content and the previous hash."""
+
+    id: int | None = Field(default=None, primary_key=True)
+    time: datetime
+    actor: str = Field(max_length=64)
+    action: str = Field(max_length=64)
+    target: str = Field(max_length=256)
+    details: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    prev_hash: str = Field(max_length=64)
+    hash: str = Field(max_length=64, unique=True)

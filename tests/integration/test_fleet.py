@@ -1,0 +1,275 @@
+"""The fleet service against SQLite and a real PostgreSQL, and its MQTT bridge against a real
+Mosquitto: tokens and roles, release verification on upload, the audit chain, ingest."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import psycopg
+import pytest
+from fastapi.testclient import TestClient
+from sqlmodel import Session, create_engine, text
+
+from fleet.app import create_app
+from fleet.config import FleetSettings
+from shared.bundle import build_bundle, inspect_bundle, write_signed_copy
+from shared.keystore import KeyStore
+from shared.protocol import FetchRequest, decode_frame, device_topic
+from shared.trust import sign_release
+from tests.conftest import make_model_dir
+
+pytestmark = pytest.mark.integration
+
+PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """A fresh PostgreSQL database for this test session, dropped at the end."""
+    name = f"edgefleet_test_{uuid.uuid4().hex[:10]}"
+    try:
+        admin = psycopg.connect(PG_ADMIN, autocommit=True)
+    except psycopg.OperationalError as e:
+        pytest.fail(
+            f"PostgreSQL is not reachable at 127.0.0.1:5432 ({e}); start it with "
+            "pg_ctlcluster <version> main start"
+        )
+    admin.execute(f'CREATE DATABASE "{name}"')
+    yield f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
+    admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+    admin.close()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request, tmp_path, postgres_url) -> Iterator[str]:
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'fleet.db'}"
+        return
+    yield postgres_url
+    engine = create_engine(postgres_url)  # each test starts from an empty schema
+    with engine.begin() as connection:
+        connection.execute(text("DROP SCHEMA public CASCADE; CREATE SCHEMA public"))
+    engine.dispose()
+
+
+@pytest.fixture
+def keys(tmp_path) -> KeyStore:
+    return KeyStore.create(tmp_path / "keys", now=datetime.now(UTC))
+
+
+def signed_bundle(
+    tmp_path: Path, keys: KeyStore, version: str, payload: bytes = b"m" * 5000
+) -> Path:
+    model = make_model_dir(tmp_path / f"model-{version}-{uuid.uuid4().hex[:6]}", payload=payload)
+    out = tmp_path / f"tiny-{version}-{uuid.uuid4().hex[:6]}.bundle"
+    build_bundle(model, name=None, version=version, out=out)
+    _, files = sign_release(
+        keys, inspect_bundle(out), expires_in=timedelta(days=1), now=datetime.now(UTC)
+    )
+    write_signed_copy(out, files)
+    return out
+
+
+@pytest.fixture
+def app_client(tmp_path, db_url, keys, monkeypatch) -> Iterator[TestClient]:
+    monkeypatch.setenv("EDGEFLEET_ADMIN_TOKEN", "admin-secret-for-tests")
+    settings = FleetSettings(db=db_url, keys=keys.path, data_dir=tmp_path / "fleet")
+    with TestClient(create_app(settings)) as client:
+        client.headers["Authorization"] = "Bearer admin-secret-for-tests"
+        yield client
+
+
+def token(client: TestClient, name: str, role: str) -> dict[str, str]:
+    response = client.post("/api/v1/tokens", json={"name": name, "role": role})
+    assert response.status_code == 201, response.text
+    return {"Authorization": f"Bearer {response.json()['token']}"}
+
+
+def test_requests_without_a_valid_token_are_refused(app_client):
+    assert app_client.get("/api/v1/devices", headers={"Authorization": ""}).status_code == 401
+    bad = app_client.get("/api/v1/devices", headers={"Authorization": "Bearer nope"})
+    assert bad.status_code == 401
+    assert bad.json()["detail"] == "unknown or revoked token"
+
+
+def test_roles_decide_what_a_token_may_do(app_client, tmp_path, keys):
+    viewer = token(app_client, "viewer-1", "viewer")
+    assert app_client.get("/api/v1/releases", headers=viewer).status_code == 200
+    refused = app_client.post(
+        "/api/v1/releases",
+        headers=viewer,
+        content=signed_bundle(tmp_path, keys, "1.0.0").read_bytes(),
+    )
+    assert refused.status_code == 403
+    assert refused.json()["detail"] == "this action needs the operator role; the token has viewer"
+    operator = token(app_client, "ci", "operator")
+    assert (
+        app_client.post(
+            "/api/v1/tokens", headers=operator, json={"name": "x", "role": "admin"}
+        ).status_code
+        == 403
+    )
+
+
+def test_publish_verifies_the_bundle_and_audits_it(app_client, tmp_path, keys):
+    import shutil
+
+    fork = KeyStore(shutil.copytree(keys.path, tmp_path / "keys-fork"))  # lost signer state
+    bundle = signed_bundle(tmp_path, keys, "1.0.0")
+    response = app_client.post("/api/v1/releases", content=bundle.read_bytes())
+    assert response.status_code == 201, response.text
+    assert response.json()["name"] == "tiny"
+    assert [r["version"] for r in app_client.get("/api/v1/releases").json()] == ["1.0.0"]
+
+    tampered = bytearray(signed_bundle(tmp_path, keys, "2.0.0").read_bytes())
+    tampered[-1024 - 600] ^= 1
+    refused = app_client.post("/api/v1/releases", content=bytes(tampered))
+    assert refused.status_code == 422
+    assert "bundle refused:" in refused.json()["detail"]
+    other_keys = KeyStore.create(tmp_path / "other-keys", now=datetime.now(UTC))
+    untrusted = app_client.post(
+        "/api/v1/releases", content=signed_bundle(tmp_path, other_keys, "3.0.0").read_bytes()
+    )
+    assert untrusted.status_code == 422
+    assert "signed by 0/1 keys" in untrusted.json()["detail"]
+    other = signed_bundle(tmp_path, fork, "1.0.0", payload=b"other")  # validly signed, but...
+    conflict = app_client.post("/api/v1/releases", content=other.read_bytes())
+    assert conflict.status_code == 409
+    assert "tiny 1.0.0 is already published with manifest" in conflict.json()["detail"]
+    assert [r["version"] for r in app_client.get("/api/v1/releases").json()] == ["1.0.0"]
+    audit = app_client.get("/api/v1/audit").json()
+    assert audit["chain_ok"] is True
+    assert [e["action"] for e in audit["entries"]][:1] == ["release.publish"]
+
+
+def test_a_tampered_audit_log_is_detected(app_client, db_url, tmp_path, keys):
+    for version in ("1.0.0", "2.0.0"):
+        bundle = signed_bundle(tmp_path, keys, version)
+        assert app_client.post("/api/v1/releases", content=bundle.read_bytes()).status_code == 201
+    engine = create_engine(db_url.replace("sqlite:///", "sqlite:///"))
+    with Session(engine) as session:
+        session.connection().execute(
+            text("UPDATE auditentry SET actor = 'mallory' WHERE action = 'release.publish'")
+        )
+        session.commit()
+    engine.dispose()
+    assert app_client.get("/api/v1/audit").json()["chain_ok"] is False
+
+
+def test_oversized_upload_is_refused_before_reading(app_client):
+    response = app_client.post(
+        "/api/v1/releases", content=b"x", headers={"content-length": str(10 << 40)}
+    )
+    assert response.status_code == 413
+
+
+# -- the MQTT bridge, against a real Mosquitto -------------------------------------------------
+
+
+@pytest.fixture
+def bridged(broker, tmp_path, keys, monkeypatch) -> Iterator[TestClient]:
+    monkeypatch.setenv("EDGEFLEET_ADMIN_TOKEN", "admin-secret-for-tests")
+    cert, key = broker.pki.client("fleet-svc")
+    settings = FleetSettings(
+        db=f"sqlite:///{tmp_path / 'fleet.db'}",
+        keys=keys.path,
+        data_dir=tmp_path / "fleet",
+        broker=f"mqtts://127.0.0.1:{broker.port}",
+        ca_file=broker.pki.ca_cert,
+        cert_file=cert,
+        key_file=key,
+        ingest_flush_s=0.05,
+    )
+    with TestClient(create_app(settings)) as client:
+        client.headers["Authorization"] = "Bearer admin-secret-for-tests"
+        assert client.app.state.bridge.link.wait_connected(10)
+        yield client
+
+
+def wait_until(check, timeout: float = 10.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        result = check()
+        if result:
+            return result
+        time.sleep(0.05)
+    raise AssertionError("condition not met in time")
+
+
+def state_payload(device_id: str, seq: int, version: str) -> bytes:
+    return json.dumps(
+        {
+            "device_id": device_id,
+            "seq": seq,
+            "time": datetime.now(UTC).isoformat(),
+            "hardware_class": "x86_64-avx2",
+            "models": {"cnn": {"version": version, "state": "active"}},
+        }
+    ).encode()
+
+
+def test_bridge_ingests_reports_and_drops_spoofed_and_stale_ones(bridged, broker):
+    dev = broker.client("dev-001")
+    topic = device_topic("dev-001", "up/state")
+    dev.publish_and_wait(topic, state_payload("dev-001", 10, "2.0.0"))
+    dev.publish_and_wait(topic, state_payload("dev-001", 5, "1.0.0"))  # stale: older seq
+    dev.publish_and_wait(topic, state_payload("dev-002", 11, "6.6.6"))  # claims another device
+    dev.publish_and_wait(topic, b"{not json")
+    event = {
+        "device_id": "dev-001",
+        "seq": 12,
+        "time": datetime.now(UTC).isoformat(),
+        "model": "cnn",
+        "version": "2.0.0",
+        "phase": "activated",
+    }
+    for _ in range(2):  # QoS 1 redelivery: stored once
+        dev.publish_and_wait(device_topic("dev-001", "up/events"), json.dumps(event).encode())
+    devices = wait_until(lambda: bridged.get("/api/v1/devices").json())
+    assert [(d["id"], d["models"], d["online"]) for d in devices] == [
+        ("dev-001", {"cnn": "2.0.0"}, True)
+    ]
+    detail = wait_until(lambda: bridged.get("/api/v1/devices/dev-001").json()["events"] or None)
+    assert [(e["phase"], e["seq"]) for e in detail] == [("activated", 12)]
+    assert bridged.get("/api/v1/devices/dev-002").status_code == 404
+
+
+def test_bridge_serves_signed_metadata_and_chunks(bridged, broker, tmp_path, keys):
+    bundle = signed_bundle(tmp_path, keys, "1.0.0")
+    assert bridged.post("/api/v1/releases", content=bundle.read_bytes()).status_code == 201
+    dev = broker.client("dev-001")
+    dev.subscribe_and_wait(device_topic("dev-001", "down/fetch"))
+    request = FetchRequest(request_id="r1", kind="metadata", name="timestamp.json")
+    dev.publish_and_wait(device_topic("dev-001", "up/fetch"), request.model_dump_json().encode())
+    header, data = decode_frame(dev.expect_message().payload)
+    assert (header.request_id, header.kind, header.status) == ("r1", "metadata", 200)
+    assert json.loads(data)["signed"]["_type"] == "timestamp"
+    missing = FetchRequest(request_id="r2", kind="manifest", target="tiny/9.9.9/manifest.json")
+    dev.publish_and_wait(device_topic("dev-001", "up/fetch"), missing.model_dump_json().encode())
+    header, _ = decode_frame(dev.expect_message().payload)
+    assert (header.request_id, header.status) == ("r2", 404)
+
+
+def test_metrics_are_exposed(bridged):
+    body = bridged.get("/metrics").text
+    assert "edgefleet_devices" in body
+    assert "edgefleet_mqtt_messages_total" in body
+
+
+def test_generated_admin_token_is_saved_privately(tmp_path, keys, monkeypatch):
+    monkeypatch.delenv("EDGEFLEET_ADMIN_TOKEN", raising=False)
+    settings = FleetSettings(keys=keys.path, data_dir=tmp_path / "fleet")
+    with TestClient(create_app(settings)) as client:
+        saved = tmp_path / "fleet" / "admin-token"
+        assert oct(saved.stat().st_mode & 0o777) == "0o600"
+        secret = saved.read_text().strip()
+        assert client.get(
+            "/api/v1/whoami", headers={"Authorization": f"Bearer {secret}"}
+        ).json() == {"name": "admin", "role": "admin"}
+    assert os.environ.get("EDGEFLEET_ADMIN_TOKEN") is None
