@@ -235,3 +235,28 @@ def create_token(body: TokenIn, session: SessionDep, token: Admin) -> dict[str, 
     )
     session.commit()
     return {"name": body.name, "role": body.role, "token": secret}
+
+
+@router.post("/devices/{device_id}/enroll", status_code=status.HTTP_201_CREATED)
+def enroll_device(
+    device_id: str, request: Request, session: SessionDep, token: Admin
+) -> dict[str, Any]:
+    """Register a device and issue its mutual-TLS credentials (returned once)."""
+    from fleet.pki import DeviceCA
+
+    try:
+        credentials = DeviceCA(request.app.state.settings.data_dir / "pki").issue(device_id)
+    except EdgefleetError as e:
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(e)) from e
+    device = session.get(Device, device_id) or Device(id=device_id)
+    device.enrolled_at = crud.now_utc()
+    session.add(device)
+    crud.append_audit(session, actor=token.name, action="device.enroll", target=device_id)
+    session.commit()
+    return {
+        "device_id": device_id,
+        "cert_pem": credentials.cert_pem.decode(),
+        "key_pem": credentials.key_pem.decode(),
+        "ca_pem": credentials.ca_pem.decode(),
+        "trust_root": request.app.state.trust_root.decode(),
+    }

@@ -197,3 +197,35 @@ def show_device(
         print_json(device)
         return
     console.print(json.dumps(device, indent=2, default=str))
+
+
+@device_app.command("enroll")
+def enroll(
+    device_id: Annotated[str, typer.Argument(help="The new device's id.")],
+    out: Annotated[
+        Path | None,
+        typer.Option(help="Where to write the credentials (default ./<ID>-credentials)."),
+    ] = None,
+    broker: Annotated[str, typer.Option(help="The broker URL devices use.")] = (
+        "mqtts://BROKER:8883"
+    ),
+    fleet: FleetUrl = None,
+) -> None:
+    """Register a device, write its key, certificate and trust root, print how to start it."""
+    with _client(fleet) as client:
+        creds = _check(client.post(f"/api/v1/devices/{device_id}/enroll"))
+    out = out or Path(f"{device_id}-credentials")
+    out.mkdir(parents=True, exist_ok=True, mode=0o700)
+    (out / "device.pem").write_text(creds["cert_pem"])
+    key_path = out / "device-key.pem"
+    fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(creds["key_pem"])
+    (out / "ca.pem").write_text(creds["ca_pem"])
+    (out / "root.json").write_text(creds["trust_root"])
+    console.print(f"enrolled {device_id}; credentials in {out}/. On the device, run:")
+    console.print(
+        f"  edgefleet agent run --broker {broker} --device-id {device_id} "
+        f"--data-dir /var/lib/edgefleet --trust {out}/root.json --ca-file {out}/ca.pem "
+        f"--cert-file {out}/device.pem --key-file {out}/device-key.pem"
+    )

@@ -86,7 +86,7 @@ def check_relative_path(path: str, *, what: str = "path") -> str:
                 f"{what} {path!r}: component {part!r} is not allowed (no empty, '.' or '..')",
                 check="path",
             )
-        if len(part) > MAX_COMPONENT or not _SAFE_COMPONENT.match(part):
+        if len(part) > MAX_COMPONENT or not _SAFE_COMPONENT.fullmatch(part):
             raise ContainerError(
                 f"{what} {path!r}: component {part!r} must be at most {MAX_COMPONENT} characters "
                 "of letters, digits and ._+@=,- (not starting with . or -)",

@@ -23,7 +23,7 @@ def parse_duration(text: str) -> timedelta:
     Raises:
         UsageError: ``text`` is not a whole number followed by one of s, m, h, d, w.
     """
-    match = _PATTERN.match(text)
+    match = _PATTERN.fullmatch(text)
     if match is None or int(match.group(1)) == 0:
         raise UsageError(
             f"duration must be a positive whole number with a unit s, m, h, d or w "

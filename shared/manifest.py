@@ -151,7 +151,7 @@ class ModelSpec(_Value):
 
 
 def _check_sha256(value: str) -> str:
-    if not _SHA256.match(value):
+    if not _SHA256.fullmatch(value):
         raise ValueError(f"sha256 must be 64 lowercase hex digits, got {value[:80]!r}")
     return value
 

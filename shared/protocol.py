@@ -104,7 +104,7 @@ class ProtocolError(ManifestError):
 
 def device_topic(device_id: str, suffix: str) -> str:
     """The full topic of ``suffix`` (e.g. :data:`UP_STATE`) for ``device_id``."""
-    if not _DEVICE_ID.match(device_id):
+    if not _DEVICE_ID.fullmatch(device_id):
         raise ProtocolError(f"device id {device_id[:80]!r} must match {DEVICE_ID_PATTERN}")
     return f"{PREFIX}/{device_id}/{suffix}"
 
@@ -115,7 +115,7 @@ def parse_device_topic(topic: str) -> tuple[str, str]:
     if not topic.startswith(head):
         raise ProtocolError(f"topic {topic[:120]!r} is not under {PREFIX}/")
     device_id, _, suffix = topic[len(head) :].partition("/")
-    if not _DEVICE_ID.match(device_id) or not suffix:
+    if not _DEVICE_ID.fullmatch(device_id) or not suffix:
         raise ProtocolError(f"topic {topic[:120]!r} has no valid device id and suffix")
     return device_id, suffix
 

@@ -273,3 +273,18 @@ def test_generated_admin_token_is_saved_privately(tmp_path, keys, monkeypatch):
             "/api/v1/whoami", headers={"Authorization": f"Bearer {secret}"}
         ).json() == {"name": "admin", "role": "admin"}
     assert os.environ.get("EDGEFLEET_ADMIN_TOKEN") is None
+
+
+def test_enroll_issues_credentials_for_valid_ids_only(app_client):
+    from cryptography import x509
+
+    response = app_client.post("/api/v1/devices/dev-042/enroll")
+    assert response.status_code == 201, response.text
+    cert = x509.load_pem_x509_certificate(response.json()["cert_pem"].encode())
+    assert cert.subject.rfc4514_string() == "CN=dev-042"
+    assert json.loads(response.json()["trust_root"])["signed"]["_type"] == "root"
+    assert [d["id"] for d in app_client.get("/api/v1/devices").json()] == ["dev-042"]
+    hostile = app_client.post("/api/v1/devices/dev-002%2Fup%2Fx/enroll")
+    assert hostile.status_code in (404, 422)  # never a certificate for a CN with '/'
+    viewer = token(app_client, "v", "viewer")
+    assert app_client.post("/api/v1/devices/dev-043/enroll", headers=viewer).status_code == 403

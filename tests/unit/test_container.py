@@ -73,6 +73,7 @@ def test_standard_tar_of_regular_files_is_accepted():
         ("payload\\..\\x", "component"),
         ("-rf", "component"),
         (".hidden", "component"),
+        ("payload/model.onnx\n", "component"),
     ],
 )
 def test_unsafe_names_are_refused(name, fragment):

@@ -76,6 +76,7 @@ def test_not_a_manifest_is_refused():
         ({"files": [{"path": "../m.onnx", "size": 10, "sha256": SHA}]}, "'..'"),
         ({"files": [{"path": "m.onnx", "size": -1, "sha256": SHA}]}, "size"),
         ({"files": [{"path": "m.onnx", "size": 10, "sha256": "XYZ"}]}, "64 lowercase hex"),
+        ({"files": [{"path": "m.onnx", "size": 10, "sha256": SHA + "\n"}]}, "64 lowercase hex"),
         ({"files": [{"path": "m.onnx", "size": 10, "sha256": SHA}] * 2}, "listed twice"),
         ({"files": []}, "not in the file list: ['m.onnx']"),
         ({"inputs": [{"name": "i", "dtype": "complex", "shape": [1]}]}, "dtype"),
