@@ -194,9 +194,38 @@ def _throughput(
     return done / (time.perf_counter() - started)
 
 
+def _retime(
+    model_root: Path,
+    manifest: Manifest,
+    *,
+    candidate: Candidate,
+    backend_path: str,
+    runs: int,
+    loaded: dict[str, LoadedModel],
+) -> float:
+    """Median latency (ms) of ``runs`` more single inferences; the model stays loaded."""
+    model = loaded.get(candidate.key)
+    if model is None:
+        artifact = manifest.artifacts[candidate.artifact_index]
+        model = load_backend(backend_path).load(model_root, artifact, candidate)
+        loaded[candidate.key] = model
+    inputs, _ = _vectors(model_root, manifest)
+    in_names = _names(list(model.input_names), [t.name for t in manifest.inputs])
+    feeds = (
+        {in_names[k]: v[:1] for k, v in inputs.items()}
+        if inputs
+        else {in_names[t.name]: _zeros(t) for t in manifest.inputs}
+    )
+    samples = _time_runs(
+        model, feeds, TrialSettings(warmup_runs=1, min_runs=runs, max_runs=runs, target_s=0.0)
+    )
+    return float(np.median(samples))
+
+
 def _serve(conn: Connection) -> None:
-    """The worker loop: status and trial jobs in, plain dicts out."""
+    """The worker loop: status, trial and re-timing jobs in, plain dicts out."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    loaded: dict[str, LoadedModel] = {}  # kept between re-timing rounds
     while True:
         try:
             job = conn.recv()
@@ -207,12 +236,23 @@ def _serve(conn: Connection) -> None:
         if job["kind"] == "status":
             status = load_backend(job["backend"]).status()
             conn.send(status.to_dict())
-        else:
-            manifest = Manifest.model_validate(job["manifest"])
-            candidate = Candidate.from_dict(job["candidate"])
-            settings = TrialSettings(**job["settings"])
-            result = measure(Path(job["model_root"]), manifest, candidate, job["backend"], settings)
-            conn.send(result.to_dict())
+            continue
+        manifest = Manifest.model_validate(job["manifest"])
+        candidate = Candidate.from_dict(job["candidate"])
+        if job["kind"] == "retime":
+            p50 = _retime(
+                Path(job["model_root"]),
+                manifest,
+                candidate=candidate,
+                backend_path=job["backend"],
+                runs=int(job["runs"]),
+                loaded=loaded,
+            )
+            conn.send({"p50_ms": p50})
+            continue
+        settings = TrialSettings(**job["settings"])
+        result = measure(Path(job["model_root"]), manifest, candidate, job["backend"], settings)
+        conn.send(result.to_dict())
 
 
 # -- parent side ---------------------------------------------------------------------------------
