@@ -173,10 +173,18 @@ def ingest_state(session: Session, state: ReportedState) -> bool:
     return True
 
 
-def ingest_events(session: Session, events: Sequence[DeploymentEvent]) -> int:
-    for device_id in {e.device_id for e in events}:
-        _touch(session, device_id, max(e.time for e in events if e.device_id == device_id))
+def _touch_senders(session: Session, reports: Sequence[DeploymentEvent | Telemetry]) -> None:
+    """Mark every device that sent one of ``reports`` as seen at its newest report."""
+    newest: dict[str, datetime] = {}
+    for report in reports:
+        newest[report.device_id] = max(newest.get(report.device_id, report.time), report.time)
+    for device_id, seen in newest.items():
+        _touch(session, device_id, seen)
     session.flush()
+
+
+def ingest_events(session: Session, events: Sequence[DeploymentEvent]) -> int:
+    _touch_senders(session, events)
     return _insert_ignore(
         session,
         DeviceEvent,
@@ -198,9 +206,7 @@ def ingest_events(session: Session, events: Sequence[DeploymentEvent]) -> int:
 
 
 def ingest_telemetry(session: Session, samples: Sequence[Telemetry]) -> int:
-    for device_id in {t.device_id for t in samples}:
-        _touch(session, device_id, max(t.time for t in samples if t.device_id == device_id))
-    session.flush()
+    _touch_senders(session, samples)
     return _insert_ignore(
         session,
         TelemetrySample,

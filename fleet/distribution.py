@@ -107,67 +107,39 @@ def _parts(header: FetchResponse, data: bytes, max_message: int) -> Iterator[byt
         yield encode_frame(part, data[offset : offset + step])
 
 
+def _answer(
+    header: FetchResponse, data: bytes | None, missing: str, max_message: int
+) -> Iterator[bytes]:
+    """``data`` split into frames under ``header``, or one 404 frame saying what is missing."""
+    if data is None:
+        yield encode_frame(
+            header.model_copy(update={"kind": "error", "status": 404, "error": missing})
+        )
+    else:
+        yield from _parts(header, data, max_message)
+
+
 def answer_fetch(
     request: FetchRequest, repo: BundleRepository, *, max_message: int = 1 << 20
 ) -> Iterator[bytes]:
     """The frames that answer ``request``, each at most ``max_message`` bytes."""
-    rid = request.request_id
+    rid, target = request.request_id, request.target or ""
     if request.kind == "metadata":
-        data = repo.metadata(request.name or "")
-        if data is None:
-            yield encode_frame(
-                FetchResponse(
-                    request_id=rid,
-                    kind="error",
-                    name=request.name,
-                    status=404,
-                    error=f"no metadata {request.name!r}",
-                )
-            )
-            return
-        yield from _parts(
-            FetchResponse(request_id=rid, kind="metadata", name=request.name), data, max_message
+        header = FetchResponse(request_id=rid, kind="metadata", name=request.name)
+        yield from _answer(
+            header, repo.metadata(request.name or ""), f"no metadata {request.name!r}", max_message
         )
     elif request.kind == "manifest":
-        data = repo.manifest(request.target or "")
-        if data is None:
-            yield encode_frame(
-                FetchResponse(
-                    request_id=rid,
-                    kind="error",
-                    target=request.target,
-                    status=404,
-                    error=f"no release {request.target!r}",
-                )
-            )
-            return
-        yield from _parts(
-            FetchResponse(request_id=rid, kind="manifest", target=request.target), data, max_message
-        )
+        header = FetchResponse(request_id=rid, kind="manifest", target=request.target)
+        yield from _answer(header, repo.manifest(target), f"no release {target!r}", max_message)
     else:
         for ref in request.chunks:
-            data = repo.chunk(request.target or "", ref.file, ref.index)
-            if data is None:
-                yield encode_frame(
-                    FetchResponse(
-                        request_id=rid,
-                        kind="error",
-                        target=request.target,
-                        file=ref.file,
-                        index=ref.index,
-                        status=404,
-                        error=f"no chunk {ref.index} of {ref.file!r} in {request.target!r}",
-                    )
-                )
-                continue
-            yield from _parts(
-                FetchResponse(
-                    request_id=rid,
-                    kind="chunk",
-                    target=request.target,
-                    file=ref.file,
-                    index=ref.index,
-                ),
-                data,
+            header = FetchResponse(
+                request_id=rid, kind="chunk", target=request.target, file=ref.file, index=ref.index
+            )
+            yield from _answer(
+                header,
+                repo.chunk(target, ref.file, ref.index),
+                f"no chunk {ref.index} of {ref.file!r} in {target!r}",
                 max_message,
             )
