@@ -260,3 +260,91 @@ def enroll_device(
         "ca_pem": credentials.ca_pem.decode(),
         "trust_root": request.app.state.trust_root.decode(),
     }
+
+
+# -- rollouts ------------------------------------------------------------------------------------
+
+
+class RolloutIn(BaseModel):
+    model: str
+    version: str
+    target: str = ""
+    stages: list[float] | None = None
+    soak_s: float = 600.0
+    max_failure_rate: float = 0.05
+    max_in_flight: int = 100
+    revert_on_fail: bool = True
+    device_timeout_s: float = 3600.0
+    gates: dict[str, Any] | None = None  # overrides of fleet.rollouts.Gates fields
+    plan: dict[str, Any] | None = None
+
+
+def _service(request: Request) -> Any:
+    return request.app.state.rollouts
+
+
+@router.post("/rollouts", status_code=status.HTTP_201_CREATED)
+def create_rollout(
+    body: RolloutIn, request: Request, session: SessionDep, token: Operator
+) -> dict[str, Any]:
+    service = _service(request)
+    try:
+        record = service.create(session, actor=token.name, **body.model_dump())
+    except EdgefleetError as e:
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(e)) from e
+    session.commit()
+    service.tick()
+    session.refresh(record)
+    return dict(service.status(session, record))
+
+
+@router.get("/rollouts")
+def list_rollouts(request: Request, session: SessionDep, _: Viewer) -> list[dict[str, Any]]:
+    from fleet.models import RolloutRecord
+
+    records = session.exec(select(RolloutRecord).order_by(col(RolloutRecord.created_at).desc()))
+    return [_service(request).status(session, r) for r in records]
+
+
+def _rollout(session: Session, rollout_id: str) -> Any:
+    from fleet.models import RolloutRecord
+
+    record = session.get(RolloutRecord, rollout_id)
+    if record is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no rollout {rollout_id!r}")
+    return record
+
+
+@router.get("/rollouts/{rollout_id}")
+def rollout_status(
+    rollout_id: str, request: Request, session: SessionDep, _: Viewer
+) -> dict[str, Any]:
+    return dict(_service(request).status(session, _rollout(session, rollout_id)))
+
+
+@router.get("/rollouts/{rollout_id}/preview")
+def rollout_preview(
+    rollout_id: str, request: Request, session: SessionDep, _: Viewer
+) -> dict[str, Any]:
+    return dict(_service(request).preview(session, _rollout(session, rollout_id)))
+
+
+@router.post("/rollouts/{rollout_id}/{action}")
+def rollout_action(
+    rollout_id: str,
+    action: str,
+    request: Request,
+    session: SessionDep,
+    token: Operator,
+    revert: bool = False,
+) -> dict[str, Any]:
+    if action not in ("pause", "resume", "promote", "abort", "retry-failed"):
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no rollout action {action!r}")
+    _rollout(session, rollout_id)
+    service = _service(request)
+    try:
+        record = service.act(session, rollout_id, action, actor=token.name, revert=revert)
+    except EdgefleetError as e:
+        raise HTTPException(status.HTTP_409_CONFLICT, str(e)) from e
+    session.commit()
+    return dict(service.status(session, record))

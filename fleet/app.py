@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -25,7 +26,9 @@ from fleet.db import make_engine, migrate
 from fleet.distribution import BundleRepository
 from fleet.models import ApiToken, Release
 from fleet.mqtt_bridge import MqttBridge
+from fleet.rollout_service import RolloutService
 from shared.errors import UsageError
+from shared.keystore import KeyStore
 
 __all__ = ["bootstrap_admin_token", "create_app"]
 
@@ -63,6 +66,15 @@ def _trust_root(settings: FleetSettings) -> bytes:
     return path.read_bytes()
 
 
+def _schedule(rollouts: RolloutService, stop: threading.Event, settings: FleetSettings) -> None:
+    """Step the active rollouts every ``rollout_tick_s`` until ``stop``."""
+    while not stop.wait(settings.rollout_tick_s):
+        try:
+            rollouts.tick()
+        except Exception:  # a bad tick must not stop the scheduler; the next one retries
+            logger.exception("rollout tick failed")
+
+
 def create_app(settings: FleetSettings) -> FastAPI:
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     engine = make_engine(settings.database_url)
@@ -80,9 +92,17 @@ def create_app(settings: FleetSettings) -> FastAPI:
                     repo.add(Path(release.path))
         bridge = MqttBridge(settings, engine, repo) if settings.broker else None
         app.state.bridge = bridge
+        rollouts.send = bridge.send_command if bridge is not None else None
         if bridge is not None:
             bridge.start()
+        stop = threading.Event()
+        scheduler = threading.Thread(
+            target=_schedule, args=(rollouts, stop, settings), name="fleet-rollouts", daemon=True
+        )
+        scheduler.start()
         yield
+        stop.set()
+        scheduler.join(10)
         if bridge is not None:
             bridge.stop()
         engine.dispose()
@@ -94,6 +114,9 @@ def create_app(settings: FleetSettings) -> FastAPI:
     app.state.trust_root = trust_root
     app.state.repo = repo
     app.state.on_release = lambda release: repo.add(Path(release.path))
+    keys = KeyStore.open(settings.keys) if settings.keys is not None else None
+    rollouts = RolloutService(engine, keys, trust_root)
+    app.state.rollouts = rollouts
     app.include_router(router)
 
     @app.get("/healthz")

@@ -229,3 +229,129 @@ def enroll(
         f"--data-dir /var/lib/edgefleet --trust {out}/root.json --ca-file {out}/ca.pem "
         f"--cert-file {out}/device.pem --key-file {out}/device-key.pem"
     )
+
+
+rollout_app = typer.Typer(help="Create and drive staged rollouts.", no_args_is_help=True)
+
+
+def _print_rollout(r: dict[str, Any]) -> None:
+    counts = ", ".join(f"{k} {v}" for k, v in r["devices"].items())
+    console.print(
+        f"{r['id']}  {r['model']} {r['version']}  {r['state']}  stage {r['stage']}  ({counts})"
+    )
+    for s in r["stages"]:
+        console.print(
+            f"  stage {s['index']} ({s['percent']}%): {s['state']}, {s['devices']} devices"
+        )
+    for d in r["decisions"]:
+        console.print(f"  gate {d['stage']}: {d['verdict']} - {d['reason']}")
+
+
+@rollout_app.command("create")
+def rollout_create(
+    name: Annotated[str, typer.Argument(help="Model name.")],
+    version: Annotated[str, typer.Argument(help="Release version.")],
+    target: Annotated[str, typer.Option(help="hardware_class=..,group=..,device=..")] = "",
+    stages: Annotated[str, typer.Option(help="Cumulative percentages.")] = "5,25,100",
+    soak: Annotated[str, typer.Option(help="Soak time per stage, like 10m.")] = "10m",
+    max_failure_rate: Annotated[
+        float, typer.Option(help="Install failure share a gate tolerates.")
+    ] = 0.05,
+    max_in_flight: Annotated[int, typer.Option(help="Devices updating at once.")] = 100,
+    plan: Annotated[
+        Path | None, typer.Option(help="A JSON plan file (overrides the above).")
+    ] = None,
+    fleet: FleetUrl = None,
+) -> None:
+    """Create a staged rollout of NAME VERSION; prints its id."""
+    from shared.durations import parse_duration
+
+    try:
+        percents = [float(p) for p in stages.split(",") if p.strip()]
+    except ValueError as e:
+        raise UsageError(f"--stages must be comma-separated percentages, got {stages!r}") from e
+    body: dict[str, Any] = {
+        "model": name,
+        "version": version,
+        "target": target,
+        "stages": percents,
+        "soak_s": parse_duration(soak).total_seconds(),
+        "max_failure_rate": max_failure_rate,
+        "max_in_flight": max_in_flight,
+    }
+    if plan is not None:
+        body["plan"] = json.loads(plan.read_text())
+    with _client(fleet) as client:
+        rollout = _check(client.post("/api/v1/rollouts", json=body))
+    console.print(rollout["id"])
+
+
+@rollout_app.command("list")
+def rollout_list(
+    fleet: FleetUrl = None, as_json: Annotated[bool, typer.Option("--json")] = False
+) -> None:
+    """List rollouts, newest first."""
+    with _client(fleet) as client:
+        rollouts = _check(client.get("/api/v1/rollouts"))
+    if as_json:
+        print_json(rollouts)
+        return
+    for r in rollouts:
+        _print_rollout(r)
+
+
+@rollout_app.command("status")
+def rollout_status(
+    rollout_id: Annotated[str, typer.Argument()],
+    fleet: FleetUrl = None,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Show a rollout: stages, device counts, gate decisions."""
+    with _client(fleet) as client:
+        rollout = _check(client.get(f"/api/v1/rollouts/{rollout_id}"))
+    if as_json:
+        print_json(rollout)
+    else:
+        _print_rollout(rollout)
+
+
+def _act(rollout_id: str, action: str, fleet: str | None, **params: Any) -> None:
+    with _client(fleet) as client:
+        rollout = _check(client.post(f"/api/v1/rollouts/{rollout_id}/{action}", params=params))
+    _print_rollout(rollout)
+
+
+@rollout_app.command("pause")
+def rollout_pause(rollout_id: Annotated[str, typer.Argument()], fleet: FleetUrl = None) -> None:
+    """Stop dispatching; devices in flight finish."""
+    _act(rollout_id, "pause", fleet)
+
+
+@rollout_app.command("resume")
+def rollout_resume(rollout_id: Annotated[str, typer.Argument()], fleet: FleetUrl = None) -> None:
+    """Resume a paused rollout."""
+    _act(rollout_id, "resume", fleet)
+
+
+@rollout_app.command("promote")
+def rollout_promote(rollout_id: Annotated[str, typer.Argument()], fleet: FleetUrl = None) -> None:
+    """Pass the current stage's gate now."""
+    _act(rollout_id, "promote", fleet)
+
+
+@rollout_app.command("abort")
+def rollout_abort(
+    rollout_id: Annotated[str, typer.Argument()],
+    revert: Annotated[
+        bool, typer.Option(help="Send every device that ran the new version back.")
+    ] = False,
+    fleet: FleetUrl = None,
+) -> None:
+    """Stop the rollout, keeping or reverting what was installed."""
+    _act(rollout_id, "abort", fleet, revert=revert)
+
+
+@rollout_app.command("retry-failed")
+def rollout_retry(rollout_id: Annotated[str, typer.Argument()], fleet: FleetUrl = None) -> None:
+    """Offer the version again to devices that failed (except incompatible ones)."""
+    _act(rollout_id, "retry-failed", fleet)

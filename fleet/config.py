@@ -36,6 +36,7 @@ class FleetSettings(BaseSettings):
     ingest_batch: int = Field(default=500, ge=1)
     ingest_flush_s: float = Field(default=0.2, gt=0)
     device_offline_after_s: float = Field(default=120.0, gt=0)
+    rollout_tick_s: float = Field(default=1.0, gt=0)
 
     @field_validator("broker")
     @classmethod

@@ -19,6 +19,7 @@ __all__ = [
     "DeviceEvent",
     "DeviceModel",
     "Release",
+    "RolloutRecord",
     "TelemetrySample",
 ]
 
@@ -36,6 +37,7 @@ class Device(SQLModel, table=True):
     last_seen: datetime | None = None
     last_state_seq: int = 0
     pinned: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    order_sequence: int = 0  # last director order sequence sent (monotonic per device)
 
 
 class DeviceModel(SQLModel, table=True):
@@ -129,3 +131,19 @@ class AuditEntry(SQLModel, table=True):
     details: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
     prev_hash: str = Field(max_length=64)
     hash: str = Field(max_length=64, unique=True)
+
+
+class RolloutRecord(SQLModel, table=True):
+    """A rollout: its plan, the engine's state between steps, and where ingest left off."""
+
+    id: str = Field(primary_key=True, max_length=64)
+    model: str = Field(max_length=64, index=True)
+    version: str = Field(max_length=64)
+    target: str = Field(default="", max_length=512)
+    status: str = Field(max_length=16, index=True)  # the engine's RolloutState value
+    plan: dict[str, Any] = Field(sa_column=Column(JSON, nullable=False))
+    state: dict[str, Any] = Field(sa_column=Column(JSON, nullable=False))
+    last_event_id: int = 0
+    created_at: datetime
+    created_by: str = Field(max_length=64)
+    updated_at: datetime

@@ -31,6 +31,7 @@ app.add_typer(agent_cli.app, name="agent")
 app.add_typer(fleet_cli.fleet_app, name="fleet")
 app.add_typer(fleet_cli.release_app, name="release")
 app.add_typer(fleet_cli.device_app, name="device")
+app.add_typer(fleet_cli.rollout_app, name="rollout")
 app.command("demo")(demo.demo)
 
 

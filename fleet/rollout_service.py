@@ -1,0 +1,516 @@
+"""The I/O around the pure rollout engine: inputs from the database, actions to the devices.
+
+:meth:`RolloutService.tick` runs one :func:`fleet.rollouts.step` per active rollout:
+
+- **inputs** — the target devices (:class:`~fleet.rollouts.DeviceView` from the registry and the
+  versions devices report running), the deployment events stored since the last step, and each
+  device's latest telemetry for the model;
+- **actions** — ``Dispatch`` and ``Revert`` become director orders signed with the fleet's
+  director key (per-device sequence numbers, so devices refuse replays) and sent as ``deploy``
+  commands; gate decisions and state changes go to the audit log; the new state is stored.
+
+Conflict rule: one active rollout per model at a time. Creating a second one for a model that
+has a pending, running, paused or halted rollout is refused; abort the first.
+
+Replicas: on PostgreSQL each rollout row is locked (``FOR UPDATE SKIP LOCKED``) while it is
+stepped, so two replicas never step the same rollout at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy.engine import Engine
+from sqlmodel import Session, col, select
+
+from fleet import crud
+from fleet.models import Device, DeviceEvent, DeviceModel, Release, RolloutRecord, TelemetrySample
+from fleet.rollout_codec import decode_plan, decode_rollout, encode_plan, encode_rollout
+from fleet.rollouts import (
+    Abort,
+    DeviceMetrics,
+    DeviceView,
+    Dispatch,
+    GateDecision,
+    Gates,
+    OperatorAction,
+    Pause,
+    Plan,
+    Promote,
+    Resume,
+    RetryFailed,
+    Revert,
+    Rollout,
+    Stage,
+    StateChanged,
+    apply_operator,
+    preview,
+    step,
+)
+from fleet.rollouts import DeviceEvent as EngineEvent
+from shared.bundle import inspect_bundle
+from shared.errors import UsageError
+from shared.keystore import KeyStore
+from shared.protocol import Command
+from shared.trust import ReleaseInfo, sign_deployment, verify_release
+
+__all__ = ["ACTIVE", "RolloutService", "parse_target"]
+
+logger = logging.getLogger(__name__)
+ACTIVE = ("pending", "running", "paused", "halted")
+OPERATOR_ACTIONS: dict[str, Callable[..., OperatorAction]] = {
+    "pause": Pause,
+    "resume": Resume,
+    "promote": Promote,
+    "retry-failed": RetryFailed,
+}
+SendCommand = Callable[[str, bytes], bool]
+
+
+def parse_target(selector: str) -> dict[str, str]:
+    """``hardware_class=x86_64-avx2,group=lab`` -> a dict; empty selects every device."""
+    result: dict[str, str] = {}
+    for part in filter(None, (p.strip() for p in selector.split(","))):
+        key, sep, value = part.partition("=")
+        if not sep or key not in ("hardware_class", "group", "device"):
+            raise UsageError(
+                f"target selector parts are hardware_class=, group= or device=, got {part!r}"
+            )
+        result[key] = value
+    return result
+
+
+def _epoch(moment: datetime | None) -> float | None:
+    if moment is None:
+        return None
+    return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp()
+
+
+@dataclass
+class RolloutService:
+    engine: Engine
+    keys: KeyStore | None
+    trust_root: bytes
+    send: SendCommand | None = None
+
+    def __post_init__(self) -> None:
+        self._releases: dict[tuple[str, str], ReleaseInfo] = {}
+
+    # -- creation ------------------------------------------------------------------------------
+
+    def create(
+        self,
+        session: Session,
+        *,
+        model: str,
+        version: str,
+        actor: str,
+        target: str = "",
+        stages: list[float] | None = None,
+        soak_s: float = 600.0,
+        max_failure_rate: float = 0.05,
+        max_in_flight: int = 100,
+        revert_on_fail: bool = True,
+        device_timeout_s: float = 3600.0,
+        gates: dict[str, Any] | None = None,
+        plan: dict[str, Any] | None = None,
+    ) -> RolloutRecord:
+        """Store a new rollout (state pending); the next tick starts it."""
+        if (
+            session.exec(
+                select(Release).where(Release.name == model, Release.version == version)
+            ).first()
+            is None
+        ):
+            raise UsageError(f"no published release {model} {version}; publish it first")
+        busy = session.exec(
+            select(RolloutRecord).where(
+                RolloutRecord.model == model, col(RolloutRecord.status).in_(ACTIVE)
+            )
+        ).first()
+        if busy is not None:
+            raise UsageError(
+                f"rollout {busy.id} of {model} is still {busy.status}; abort it or "
+                "let it finish first (one active rollout per model)"
+            )
+        parse_target(target)
+        rollout_id = f"r-{uuid.uuid4().hex[:10]}"
+        previous = self._previous_version(session, model, version)
+        if plan is not None:
+            engine_plan = decode_plan(
+                {**plan, "rollout_id": rollout_id, "model": model, "version": version}
+            )
+        else:
+            percents = stages or [5.0, 25.0, 100.0]
+            try:
+                engine_plan = Plan(
+                    rollout_id=rollout_id,
+                    model=model,
+                    version=version,
+                    previous_version=previous,
+                    stages=tuple(Stage(percent=p, soak_s=soak_s) for p in percents),
+                    salt=secrets.token_hex(8),
+                    max_in_flight=max_in_flight,
+                    gates=Gates(**{"min_install_success": 1 - max_failure_rate, **(gates or {})}),
+                    revert_on_fail=revert_on_fail,
+                    device_timeout_s=device_timeout_s,
+                )
+            except (ValueError, TypeError) as e:
+                raise UsageError(str(e)) from e
+        now = crud.now_utc()
+        record = RolloutRecord(
+            id=rollout_id,
+            model=model,
+            version=version,
+            target=target,
+            status="pending",
+            plan=encode_plan(engine_plan),
+            state=encode_rollout(Rollout()),
+            created_at=now,
+            created_by=actor,
+            updated_at=now,
+            last_event_id=self._last_event_id(session),
+        )
+        session.add(record)
+        crud.append_audit(
+            session,
+            actor=actor,
+            action="rollout.create",
+            target=rollout_id,
+            details={
+                "model": model,
+                "version": version,
+                "target": target,
+                "stages": [s.percent for s in engine_plan.stages],
+            },
+        )
+        return record
+
+    @staticmethod
+    def _last_event_id(session: Session) -> int:
+        last = session.exec(
+            select(DeviceEvent).order_by(col(DeviceEvent.id).desc()).limit(1)
+        ).first()
+        return last.id or 0 if last else 0
+
+    @staticmethod
+    def _previous_version(session: Session, model: str, version: str) -> str | None:
+        """The version most target devices run now: what a revert goes back to."""
+        counts: dict[str, int] = {}
+        for row in session.exec(select(DeviceModel).where(DeviceModel.model == model)):
+            if row.version and row.version != version:
+                counts[row.version] = counts.get(row.version, 0) + 1
+        return max(counts, key=lambda v: counts[v]) if counts else None
+
+    # -- inputs --------------------------------------------------------------------------------
+
+    def devices(self, session: Session, record: RolloutRecord) -> list[DeviceView]:
+        selector = parse_target(record.target)
+        query = select(Device)
+        if "hardware_class" in selector:
+            query = query.where(Device.hardware_class == selector["hardware_class"])
+        if "group" in selector:
+            query = query.where(Device.group == selector["group"])
+        if "device" in selector:
+            query = query.where(Device.id == selector["device"])
+        devices = list(session.exec(query))
+        models = {
+            row.device_id: row
+            for row in session.exec(select(DeviceModel).where(DeviceModel.model == record.model))
+        }
+        views = []
+        for d in devices:
+            row = models.get(d.id)
+            runtime = (row.runtime or "").split("/")[0] or None if row else None
+            views.append(
+                DeviceView(
+                    device_id=d.id,
+                    hardware_class=d.hardware_class,
+                    runtime=runtime,
+                    online=d.online,
+                    running_version=row.version if row else None,
+                    pinned_version=(d.pinned or {}).get(record.model),
+                    group=d.group,
+                    reported_at=_epoch(row.updated_at) if row else None,
+                )
+            )
+        return views
+
+    def _events(self, session: Session, record: RolloutRecord) -> tuple[list[EngineEvent], int]:
+        rows = list(
+            session.exec(
+                select(DeviceEvent)
+                .where(
+                    col(DeviceEvent.id) > record.last_event_id, DeviceEvent.model == record.model
+                )
+                .order_by(col(DeviceEvent.id))
+            )
+        )
+        events = [
+            EngineEvent(
+                device_id=r.device_id,
+                version=r.version,
+                phase=r.phase,
+                failure_class=r.failure_class,
+                detail=r.detail,
+                model=r.model,
+            )
+            for r in rows
+        ]
+        last = max((r.id or 0 for r in rows), default=record.last_event_id)
+        return events, last
+
+    def _metrics(
+        self, session: Session, record: RolloutRecord, views: list[DeviceView]
+    ) -> dict[tuple[str, str], DeviceMetrics]:
+        running = {v.device_id: v.running_version for v in views if v.running_version}
+        latest: dict[str, TelemetrySample] = {}
+        for sample in session.exec(
+            select(TelemetrySample)
+            .where(col(TelemetrySample.device_id).in_(list(running)))
+            .order_by(col(TelemetrySample.seq))
+        ):
+            latest[sample.device_id] = sample
+        metrics = {}
+        for device_id, sample in latest.items():
+            data = sample.models.get(record.model)
+            if not isinstance(data, dict):
+                continue
+            p95 = (data.get("latency_ms") or {}).get("p95")
+            metrics[(device_id, running[device_id])] = DeviceMetrics(
+                requests=int(data.get("requests", 0)),
+                errors=int(data.get("errors", 0)),
+                p95_ms=float(p95) if p95 is not None else None,
+            )
+        return metrics
+
+    # -- stepping ------------------------------------------------------------------------------
+
+    def tick(self, now: datetime | None = None) -> int:
+        """Step every active rollout once; return how many were stepped."""
+        now = now or crud.now_utc()
+        stepped = 0
+        with Session(self.engine) as session:
+            ids = [
+                r.id
+                for r in session.exec(
+                    select(RolloutRecord).where(col(RolloutRecord.status).in_(ACTIVE))
+                )
+            ]
+        for rollout_id in ids:
+            with Session(self.engine) as session:
+                record = self._lock(session, rollout_id)
+                if record is None:
+                    continue
+                self._step(session, record, now)
+                session.commit()
+                stepped += 1
+        return stepped
+
+    @staticmethod
+    def _lock(session: Session, rollout_id: str) -> RolloutRecord | None:
+        query = select(RolloutRecord).where(RolloutRecord.id == rollout_id)
+        if session.get_bind().dialect.name == "postgresql":
+            query = query.with_for_update(skip_locked=True)
+        return session.exec(query).first()
+
+    def _step(self, session: Session, record: RolloutRecord, now: datetime) -> None:
+        plan = decode_plan(record.plan)
+        views = self.devices(session, record)
+        events, last_event = self._events(session, record)
+        result = step(
+            plan,
+            decode_rollout(record.state),
+            devices=views,
+            events=events,
+            metrics=self._metrics(session, record, views),
+            now=now.timestamp(),
+        )
+        self._execute(session, record, plan, result.actions)
+        record.state = encode_rollout(result.rollout)
+        record.status = result.rollout.state.value
+        record.last_event_id = last_event
+        record.updated_at = now
+
+    def _execute(
+        self, session: Session, record: RolloutRecord, plan: Plan, actions: tuple[Any, ...]
+    ) -> None:
+        for action in actions:
+            if isinstance(action, Dispatch):
+                self._order(session, action.device_id, plan.model, action.version)
+            elif isinstance(action, Revert) and action.to_version is not None:
+                self._order(session, action.device_id, plan.model, action.to_version)
+            elif isinstance(action, GateDecision):
+                crud.append_audit(
+                    session,
+                    actor="gate",
+                    action=f"gate.{action.verdict}",
+                    target=record.id,
+                    details={
+                        "stage": action.stage,
+                        "reason": action.reason,
+                        "figures": dict(action.figures),
+                        "by": action.by,
+                    },
+                )
+            elif isinstance(action, StateChanged) and action.old is not action.new:
+                crud.append_audit(
+                    session,
+                    actor="engine",
+                    action="rollout.state",
+                    target=record.id,
+                    details={
+                        "from": action.old.value,
+                        "to": action.new.value,
+                        "stage": action.stage,
+                        "reason": action.reason,
+                    },
+                )
+
+    def _release_info(self, session: Session, model: str, version: str) -> ReleaseInfo:
+        key = (model, version)
+        if key not in self._releases:
+            release = session.exec(
+                select(Release).where(Release.name == model, Release.version == version)
+            ).one()
+            self._releases[key] = verify_release(
+                inspect_bundle(Path(release.path)), self.trust_root
+            )
+        return self._releases[key]
+
+    def _order(self, session: Session, device_id: str, model: str, version: str) -> None:
+        """Sign and send a director order for ``device_id`` to run ``model`` ``version``."""
+        if self.keys is None or self.send is None:
+            logger.warning(
+                "cannot order %s to %s %s: no director key or no broker", device_id, model, version
+            )
+            return
+        device = session.get(Device, device_id)
+        if device is None:
+            return
+        device.order_sequence += 1
+        order = sign_deployment(
+            self.keys,
+            device_id=device_id,
+            release=self._release_info(session, model, version),
+            sequence=device.order_sequence,
+            expires=crud.now_utc() + timedelta(hours=24),
+        )
+        command = Command(
+            id=uuid.uuid4().hex,
+            type="deploy",
+            issued_at=crud.now_utc(),
+            order=order.decode(),
+            model=model,
+        )
+        session.flush()
+        self.send(device_id, command.model_dump_json().encode())
+
+    # -- operators -----------------------------------------------------------------------------
+
+    def act(
+        self, session: Session, rollout_id: str, action: str, *, actor: str, revert: bool = False
+    ) -> RolloutRecord:
+        """Apply an operator action, then step at once (a revert never waits)."""
+        record = session.get(RolloutRecord, rollout_id)
+        if record is None:
+            raise UsageError(f"no rollout {rollout_id!r}")
+        if action != "abort" and action not in OPERATOR_ACTIONS:
+            raise UsageError(
+                f"action must be abort or one of {', '.join(OPERATOR_ACTIONS)}, got {action!r}"
+            )
+        operator = Abort(revert=revert) if action == "abort" else OPERATOR_ACTIONS[action]()
+        now = crud.now_utc()
+        plan = decode_plan(record.plan)
+        result = apply_operator(plan, decode_rollout(record.state), operator, now=now.timestamp())
+        self._execute(session, record, plan, result.actions)
+        record.state = encode_rollout(result.rollout)
+        record.status = result.rollout.state.value
+        crud.append_audit(
+            session,
+            actor=actor,
+            action=f"rollout.{action}",
+            target=rollout_id,
+            details={"revert": revert} if action == "abort" else {},
+        )
+        self._step(session, record, now)
+        return record
+
+    def status(self, session: Session, record: RolloutRecord) -> dict[str, Any]:
+        """The status document of ``edgefleet rollout status --json``."""
+        plan = decode_plan(record.plan)
+        rollout = decode_rollout(record.state)
+        counts = dict.fromkeys(("pending", "in_progress", "succeeded", "failed", "reverted"), 0)
+        per_stage: list[dict[str, int]] = [dict(counts) for _ in plan.stages]
+        failures: dict[str, int] = {}
+        for progress in rollout.progress.values():
+            state = progress.state.value
+            key = {"reverting": "reverted", "skipped": "pending"}.get(state, state)
+            counts[key] += 1
+            per_stage[min(progress.stage, len(per_stage) - 1)][key] += 1
+            if state == "failed" and progress.failure_class:
+                label = f"{progress.failure_class}|{progress.hardware_class}|{progress.runtime}"
+                failures[label] = failures.get(label, 0) + 1
+        decided = {d.stage: d.verdict for d in rollout.decisions}
+        stages = []
+        for index, stage in enumerate(plan.stages):
+            if index in decided:
+                state = {"pass": "passed", "fail": "failed"}.get(decided[index], "inconclusive")
+            elif index == rollout.stage and rollout.state.value in ("running", "paused"):
+                state = "running"
+            else:
+                state = "pending" if index > rollout.stage else "passed"
+            stages.append(
+                {
+                    "index": index,
+                    "percent": stage.percent,
+                    "state": state,
+                    "devices": sum(per_stage[index].values()),
+                    "counts": per_stage[index],
+                }
+            )
+        return {
+            "id": record.id,
+            "model": record.model,
+            "version": record.version,
+            "previous_version": plan.previous_version,
+            "state": record.status,
+            "target": record.target,
+            "stage": rollout.stage,
+            "stages": stages,
+            "devices": counts,
+            "failures": failures,
+            "decisions": [
+                {
+                    "stage": d.stage,
+                    "verdict": d.verdict,
+                    "reason": d.reason,
+                    "figures": dict(d.figures),
+                    "by": d.by,
+                }
+                for d in rollout.decisions
+            ],
+            "created_at": record.created_at.isoformat(),
+            "created_by": record.created_by,
+        }
+
+    def preview(self, session: Session, record: RolloutRecord) -> dict[str, Any]:
+        """Stage membership per hardware class and the worst-case blast radius."""
+        p = preview(decode_plan(record.plan), self.devices(session, record))
+        return {
+            "stage_sizes": list(p.stage_sizes),
+            "cumulative": list(p.cumulative),
+            "by_hardware_class": {k: list(v) for k, v in p.by_hardware_class.items()},
+            "blast_radius": p.blast_radius,
+            "skipped": p.skipped,
+            "already_running": p.already_running,
+            "offline": p.offline,
+            "warnings": list(p.warnings),
+        }
