@@ -6,6 +6,7 @@ variables ``EDGEFLEET_AGENT_<FIELD>``, command-line flags.
 
 from __future__ import annotations
 
+import os
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
@@ -41,6 +42,7 @@ class AgentSettings(BaseSettings):
     window_chunks: int = Field(default=8, ge=1, le=256)
     request_timeout_s: float = Field(default=10.0, gt=0)
     min_bytes_per_s: float = Field(default=1024.0, ge=0)
+    throughput_window_s: float = Field(default=30.0, gt=0)  # slow-retrieval window
     download_deadline_s: float = Field(default=3600.0, gt=0)
     # self-test and probation
     objective: Literal["latency", "p99", "throughput"] = "latency"
@@ -68,7 +70,14 @@ def load_settings(config_file: Path | None, overrides: dict[str, Any]) -> AgentS
             values = tomllib.loads(config_file.read_text()).get("agent", {})
         except (OSError, tomllib.TOMLDecodeError) as e:
             raise UsageError(f"{config_file}: cannot read the agent configuration ({e})") from e
-    values.update({k: v for k, v in overrides.items() if v is not None})
+    prefix = AgentSettings.model_config.get("env_prefix", "")
+    for key, value in os.environ.items():  # the environment overrides the file...
+        if (
+            key.upper().startswith(prefix)
+            and key[len(prefix) :].lower() in AgentSettings.model_fields
+        ):
+            values[key[len(prefix) :].lower()] = value
+    values.update({k: v for k, v in overrides.items() if v is not None})  # ...and flags both
     try:
         return AgentSettings(**values)
     except ValueError as e:

@@ -215,6 +215,9 @@ class Agent:
     def _load_installed(self) -> None:
         """Serve every model's current version; count a restart during probation."""
         probation = self._probation()
+        if probation and self.store.current(probation["model"]) != probation["version"]:
+            self._probation_path.unlink(missing_ok=True)  # the switch was undone by recovery
+            probation = {}
         if probation:
             probation["boots"] = int(probation.get("boots", 0)) + 1
             write_atomic(self._probation_path, json.dumps(probation).encode())
@@ -266,7 +269,6 @@ class Agent:
         while not self._stop.wait(0.5):
             if heartbeat is not None:
                 heartbeat()
-            self._check_probation()
             if time.monotonic() >= next_telemetry:
                 self.report_telemetry()
                 next_telemetry = time.monotonic() + self.settings.telemetry_interval_s
@@ -305,7 +307,9 @@ class Agent:
                 self.inference.put(event)
 
     def _work(self) -> None:
+        """The only thread that changes the model store: deployments, commits, rollbacks."""
         while not self._stop.is_set():
+            self._check_probation()
             try:
                 command = self.commands.get(timeout=0.5)
             except queue.Empty:
@@ -334,6 +338,8 @@ class Agent:
         try:
             manifest, release, decision = self.deployer.deploy(order)
         except DeploymentError as e:
+            if e.failure_class == "self_test" and e.model != "?":
+                self.store.mark_failed(e.model, e.version)
             self._emit_failure(e.model, e.version, e)
             self.report_state()
             return
@@ -348,10 +354,8 @@ class Agent:
             self._emit_failure(name, version, e)
             return
         old = self.models.get(name)
-        self.store.activate(name, version)
-        self._set_models({**self.models, name: new})
-        if old is not None:
-            old.runner.close()
+        # Probation is recorded before the switch: a crash in between still ends in probation
+        # for whatever version recovery leaves current (see _load_installed).
         write_atomic(
             self._probation_path,
             json.dumps(
@@ -364,6 +368,10 @@ class Agent:
                 }
             ).encode(),
         )
+        self.store.activate(name, version)
+        self._set_models({**self.models, name: new})
+        if old is not None:
+            old.runner.close()
         self._emit(
             "activated",
             name,

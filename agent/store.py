@@ -78,13 +78,17 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Replace ``path`` with ``data``: temp file, fsync, rename, fsync the directory."""
+def write_atomic(path: Path, data: bytes, *, fault: str | None = None) -> None:
+    """Replace ``path`` with ``data``: temp file, fsync, rename, fsync the directory.
+
+    ``fault`` names the kill point between the write and the fsync (tests only).
+    """
     tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
     with tmp.open("wb") as f:
         f.write(data)
         f.flush()
-        kill_point("before_fsync")
+        if fault is not None:
+            kill_point(fault)
         os.fsync(f.fileno())
     os.replace(tmp, path)
     fsync_dir(path.parent)
@@ -217,7 +221,7 @@ class ModelStore:
         if self.is_complete(name, version):
             shutil.rmtree(staged, ignore_errors=True)
             return target
-        write_atomic(staged / MANIFEST_NAME, manifest_bytes)
+        write_atomic(staged / MANIFEST_NAME, manifest_bytes, fault="before_fsync")
         for directory, _, files in os.walk(staged):
             for file in files:
                 fd = os.open(Path(directory, file), os.O_RDONLY)
@@ -292,6 +296,16 @@ class ModelStore:
         journal.unlink()
         fsync_dir(journal.parent)
         return back
+
+    def mark_failed(self, name: str, version: str) -> None:
+        """Remember that ``version`` failed here and delete its install (never retried: a
+        release is immutable, so only a new version can be offered again)."""
+        failed = self.state.failed.setdefault(name, [])
+        if version not in failed:
+            failed.append(version)
+        self.save_state()
+        if version not in (self.current(name), self.previous(name)):
+            shutil.rmtree(self.version_dir(name, version), ignore_errors=True)
 
     def collect_garbage(self, name: str) -> None:
         """Delete versions that are neither current nor previous."""

@@ -281,6 +281,12 @@ class Deployer:
             )
         except TrustError as e:
             raise DeploymentError("verification", str(e)) from e
+        if release.version in self.store.state.failed.get(release.name, []):
+            raise DeploymentError(
+                "self_test",
+                f"{release.name} {release.version} already failed "
+                "its self-test on this device; release a new version",
+            )
         self.store.state.order_sequence = order.sequence
         self.store.save_state()
         self.emit("received", release.name, release.version)
@@ -363,6 +369,7 @@ class Deployer:
             window_chunks=s.window_chunks,
             request_timeout_s=s.request_timeout_s,
             min_bytes_per_s=s.min_bytes_per_s,
+            throughput_window_s=s.throughput_window_s,
             deadline_s=s.download_deadline_s,
         )
         transfer = Transfer(
@@ -412,10 +419,11 @@ class Deployer:
                 )
             pending += transfer.handle(Tick(now))
 
-    def self_test(self, manifest: Manifest) -> Decision:
+    def self_test(self, manifest: Manifest, *, announce: bool = True) -> Decision:
         """Choose the runtime by measurement, which runs the test vectors; check latency."""
         name, version = manifest.name, manifest.version
-        self.emit("self_test", name, version)
+        if announce:
+            self.emit("self_test", name, version)
         root = self.store.version_dir(name, version)
         digest = hashlib.sha256((root / MANIFEST_NAME).read_bytes()).hexdigest()
         try:
@@ -452,4 +460,4 @@ class Deployer:
 
     def decision_for(self, name: str, version: str) -> Decision:
         """The runtime decision for an installed version (cached after its self-test)."""
-        return self.self_test(self.store.manifest(name, version))
+        return self.self_test(self.store.manifest(name, version), announce=False)

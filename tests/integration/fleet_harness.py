@@ -27,6 +27,7 @@ from shared.protocol import (
     DOWN_FETCH,
     Command,
     FetchRequest,
+    decode_frame,
     device_topic,
     parse_device_topic,
     parse_payload,
@@ -48,6 +49,8 @@ class FleetHarness:
         self.rng = random.Random(7)
         self.fetches: list[FetchRequest] = []
         self.chunk_bytes_sent = 0
+        self.dropped_parts: list[tuple[str, int]] = []  # (file, chunk index) of each dropped part
+        self.duplicated_parts = 0
         self.reports: dict[str, list[tuple[str, dict[str, Any]]]] = defaultdict(list)
         self._lock = threading.Condition()
         self._sequence = 0
@@ -69,8 +72,18 @@ class FleetHarness:
         self.releases[info.version] = info
         return info
 
-    def deploy(self, device_id: str, version: str, *, expires_in_s: float = 3600) -> None:
-        """Sign a director order for ``device_id`` to run ``version`` and send it."""
+    def deploy(self, device_id: str, version: str, *, expires_in_s: float = 3600) -> bytes:
+        """Sign a director order for ``device_id`` to run ``version`` and send it.
+
+        Returns the exact ``down/cmd`` payload published (for replay tests)."""
+        payload = self.deploy_command_payload(device_id, version, expires_in_s=expires_in_s)
+        self.send_command(device_id, payload)
+        return payload
+
+    def deploy_command_payload(
+        self, device_id: str, version: str, *, expires_in_s: float = 3600
+    ) -> bytes:
+        """The ``down/cmd`` payload of a new signed order (next sequence), without sending it."""
         self._sequence += 1
         order = sign_deployment(
             self.keys,
@@ -79,19 +92,28 @@ class FleetHarness:
             sequence=self._sequence,
             expires=datetime.now(UTC) + timedelta(seconds=expires_in_s),
         )
-        self.send_command(
-            device_id,
-            Command(
-                id=uuid.uuid4().hex,
-                type="deploy",
-                issued_at=datetime.now(UTC),
-                order=order.decode(),
-            ),
+        command = Command(
+            id=uuid.uuid4().hex, type="deploy", issued_at=datetime.now(UTC), order=order.decode()
         )
+        return command.model_dump_json().encode()
+
+    def continue_sequence(self, last: int) -> None:
+        """Number the next orders after ``last``: for a device whose data directory accepted
+        orders from another harness (e.g. copied from a template)."""
+        self._sequence = max(self._sequence, last)
 
     def send_command(self, device_id: str, command: Command | bytes) -> None:
         payload = command if isinstance(command, bytes) else command.model_dump_json().encode()
         self.client.publish(device_topic(device_id, DOWN_CMD), payload, qos=1)
+
+    def reconnect(self, broker: Any) -> None:
+        """Connect a fresh fleet client (e.g. after ``broker.restart()``, which drops this one:
+        the probe client never reconnects by itself) and resume serving and recording."""
+        old = self.client
+        client = broker.client("fleet-svc")
+        client.messages = old.messages  # keep what was received and not yet handled
+        client.subscribe_and_wait("edgefleet/v1/devices/+/up/#")
+        self.client = client
 
     # -- the serving loop ----------------------------------------------------------------------
 
@@ -125,25 +147,42 @@ class FleetHarness:
             if request.kind == "chunks":
                 self.chunk_bytes_sent += len(frame)
                 if self.rng.random() < self.drop_ratio:
+                    header, _ = decode_frame(frame)
+                    self.dropped_parts.append((header.file or "", header.index or 0))
                     continue
             if self.part_delay_s:
                 time.sleep(self.part_delay_s)
             self.client.publish(topic, frame, qos=1)
             if request.kind == "chunks" and self.rng.random() < self.duplicate_ratio:
+                self.duplicated_parts += 1
                 self.client.publish(topic, frame, qos=1)
 
     # -- observations --------------------------------------------------------------------------
 
-    def events(self, device_id: str) -> list[dict[str, Any]]:
+    def events(self, device_id: str, *, since: int = 0) -> list[dict[str, Any]]:
+        """Events of ``device_id``, of the reports after the first ``since`` (see
+        :meth:`report_count`)."""
         with self._lock:
-            return [b for s, b in self.reports[device_id] if s == "up/events"]
+            return [b for s, b in self.reports[device_id][since:] if s == "up/events"]
+
+    def report_count(self, device_id: str) -> int:
+        """How many reports of ``device_id`` were recorded so far (a mark for ``since``)."""
+        with self._lock:
+            return len(self.reports[device_id])
 
     def wait_for(
-        self, device_id: str, predicate: Any, *, timeout: float = 60.0, what: str = "report"
+        self,
+        device_id: str,
+        predicate: Any,
+        *,
+        timeout: float = 60.0,
+        what: str = "report",
+        since: int = 0,
     ) -> dict[str, Any]:
-        """Wait for a report (state/event) of ``device_id`` matching ``predicate``."""
+        """Wait for a report (state/event) of ``device_id`` matching ``predicate``, looking only
+        at reports recorded after the first ``since`` (see :meth:`report_count`)."""
         deadline = time.monotonic() + timeout
-        seen = 0
+        seen = since
         with self._lock:
             while True:
                 reports = self.reports[device_id]
@@ -164,7 +203,7 @@ class FleetHarness:
                 self._lock.wait(left)
 
     def wait_phase(
-        self, device_id: str, phase: str, version: str, *, timeout: float = 60.0
+        self, device_id: str, phase: str, version: str, *, timeout: float = 60.0, since: int = 0
     ) -> dict[str, Any]:
         return self.wait_for(
             device_id,
@@ -173,6 +212,7 @@ class FleetHarness:
             ),
             timeout=timeout,
             what=f"{phase} event for {version}",
+            since=since,
         )
 
     def close(self) -> None:
