@@ -98,6 +98,43 @@ class DeviceCA:
         )
         self.cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
 
+    def issue_server(self, hosts: list[str], out_dir: Path) -> tuple[Path, Path]:
+        """A server certificate for the broker (``hosts``: DNS names or IP addresses)."""
+        import ipaddress
+
+        key = ec.generate_private_key(ec.SECP256R1())
+        names: list[x509.GeneralName] = []
+        for host in hosts:
+            try:
+                names.append(x509.IPAddress(ipaddress.ip_address(host)))
+            except ValueError:
+                names.append(x509.DNSName(host))
+        now = datetime.now(UTC)
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hosts[0])]))
+            .issuer_name(self._cert.subject)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - timedelta(minutes=5))
+            .not_valid_after(now + CERT_LIFETIME)
+            .add_extension(x509.SubjectAlternativeName(names), critical=False)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+            .sign(self._key, hashes.SHA256())
+        )
+        out_dir.mkdir(parents=True, exist_ok=True)
+        cert_path, key_path = out_dir / "server.pem", out_dir / "server-key.pem"
+        cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        _write_private(
+            key_path,
+            key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            ),
+        )
+        return cert_path, key_path
+
     def issue(self, device_id: str, *, now: datetime | None = None) -> DeviceCredentials:
         """A new key and a client certificate with CN = ``device_id``.
 

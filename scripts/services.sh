@@ -2,11 +2,15 @@
 # Make sure the system services the tests talk to are present and running:
 # mosquitto (the broker binary; tests start their own instances) and PostgreSQL on 127.0.0.1:5432.
 # Installs them with apt-get when run as root on Debian/Ubuntu; otherwise says what to do.
+# With --broker-only, only mosquitto is needed (the local demo runs the fleet on SQLite).
 set -euo pipefail
+
+broker_only=false
+[ "${1:-}" = "--broker-only" ] && broker_only=true
 
 need_apt=()
 command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || need_apt+=(mosquitto)
-command -v pg_ctlcluster >/dev/null 2>&1 || need_apt+=(postgresql)
+$broker_only || command -v pg_ctlcluster >/dev/null 2>&1 || need_apt+=(postgresql)
 
 if [ ${#need_apt[@]} -gt 0 ]; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
@@ -16,6 +20,8 @@ if [ ${#need_apt[@]} -gt 0 ]; then
         exit 1
     fi
 fi
+
+$broker_only && exit 0
 
 if ! pg_isready -h 127.0.0.1 -p 5432 -q 2>/dev/null; then
     version=$(ls /etc/postgresql 2>/dev/null | sort -V | tail -1)

@@ -1,0 +1,53 @@
+"""``edgefleet demo --json``: the README's main job, run as a user runs it."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def test_demo_tells_the_whole_story(tmp_path):
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "shared.cli.main",
+            "demo",
+            "--json",
+            "--devices",
+            "2",
+            "--work-dir",
+            str(tmp_path / "demo"),
+            "--port",
+            str(free_port()),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(proc.stdout)
+    assert summary["devices"] == 2
+    by_version = {r["version"]: r for r in summary["rollouts"]}
+    assert by_version["1.0.0"]["state"] == "completed"
+    assert by_version["1.0.0"]["devices_updated"] == 2
+    assert by_version["2.0.0"]["state"] == "completed"
+    assert by_version["2.0.0"]["stages_reached"] == 2
+    bad = by_version["3.0.0"]
+    assert bad["state"] == "halted"
+    assert bad["stages_reached"] == 1
+    assert bad["devices_failed"] == {"self_test": bad["devices_failed"]["self_test"]}
+    assert bad["ever_ran"] == 0  # the gate stopped it before any device ran it
