@@ -31,6 +31,7 @@ import numpy as np
 
 from agent.config import AgentSettings
 from agent.fetch import FetchClient
+from agent.health import HealthSampler
 from agent.outbox import Outbox
 from agent.runtimes.inventory import scan
 from agent.store import ModelStore, write_atomic
@@ -92,6 +93,7 @@ class Agent:
         for note in self.store.recover():
             logger.warning("recovered after an interrupted run: %s", note)
         self.inventory = scan()
+        self.health = HealthSampler(settings.data_dir)
         self.outbox = Outbox(settings.data_dir / "outbox", max_records=settings.outbox_max_records)
         presence = device_topic(self.device_id, UP_PRESENCE)
         self.link = MqttLink(
@@ -150,7 +152,7 @@ class Agent:
     def _report(self, suffix: str, payload: bytes) -> None:
         """Journal first, then try to send everything journalled (nothing is lost offline)."""
         self.outbox.put(device_topic(self.device_id, suffix), payload)
-        self.outbox.drain(self.link.publish)
+        self.outbox.drain(self.link.publish_confirmed)
 
     def _emit(self, phase: Phase, model: str, version: str, **fields: Any) -> None:
         event = DeploymentEvent(
@@ -198,6 +200,7 @@ class Agent:
             device_id=self.device_id,
             seq=self._next_seq(),
             time=datetime.now(UTC),
+            health=self.health.sample(),
             dropped=self.outbox.dropped,
             models={n: m.summary() for n, m in self.metrics.items()},
         )

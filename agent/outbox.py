@@ -1,9 +1,10 @@
 """Store-and-forward for everything the agent reports: nothing is lost while offline.
 
 Each report (state, event, telemetry) is appended to a journal file on disk before it is sent,
-and removed once the broker has it. The journal is bounded: when it holds ``max_records``, the
-oldest record is dropped and counted, and the count travels with the next telemetry so the fleet
-knows what it missed. Restarts lose nothing: the journal is replayed on start.
+and removed only once the broker has acknowledged it (QoS 1 PUBACK). The journal is bounded:
+when it holds ``max_records``, the oldest record is dropped and counted, and the count travels
+with the next telemetry so the fleet knows what it missed. Restarts lose nothing: the journal is
+replayed on start.
 
 Records are files named by a zero-padded sequence number in ``outbox/``; writing one is
 temp file + fsync + rename, so a crash leaves whole records or none.

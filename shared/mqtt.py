@@ -237,6 +237,19 @@ class MqttLink:
         info = self._client.publish(topic, payload, qos=qos, retain=False, properties=properties)
         return info.rc == paho.MQTT_ERR_SUCCESS
 
+    def publish_confirmed(self, topic: str, payload: bytes, *, timeout_s: float = 5.0) -> bool:
+        """Publish at QoS 1 and wait for the broker's acknowledgement; False if none came."""
+        if not self.connected.is_set():
+            return False
+        info = self._client.publish(topic, payload, qos=1, retain=False)
+        if info.rc != paho.MQTT_ERR_SUCCESS:
+            return False
+        try:
+            info.wait_for_publish(timeout_s)
+        except (RuntimeError, ValueError):  # disconnected while waiting
+            return False
+        return info.is_published()
+
     def wait_connected(self, timeout_s: float) -> bool:
         return self.connected.wait(timeout_s)
 

@@ -1,0 +1,45 @@
+"""Device health from a fake /proc and /sys, and the bounded store-and-forward outbox."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from agent.health import HealthSampler
+from agent.outbox import Outbox
+
+
+def fake_root(tmp_path: Path, busy: int, idle: int) -> Path:
+    root = tmp_path / "root"
+    (root / "proc").mkdir(parents=True, exist_ok=True)
+    (root / "proc/stat").write_text(f"cpu  {busy} 0 0 {idle} 0 0 0 0 0 0\n")
+    (root / "proc/meminfo").write_text("MemTotal: 2048000 kB\nMemAvailable: 1024000 kB\n")
+    zone = root / "sys/class/thermal/thermal_zone0"
+    zone.mkdir(parents=True, exist_ok=True)
+    (zone / "temp").write_text("61500\n")
+    return root
+
+
+def test_health_reports_cpu_memory_disk_and_temperature(tmp_path):
+    sampler = HealthSampler(tmp_path, root=fake_root(tmp_path, busy=100, idle=900))
+    fake_root(tmp_path, busy=400, idle=1600)  # 300 busy of 1000 ticks since the first read
+    health = sampler.sample()
+    assert health["cpu_percent"] == 30.0
+    assert health["memory_total_mb"] == 2000.0
+    assert health["memory_available_mb"] == 1000.0
+    assert health["temperature_c"] == 61.5
+    assert health["disk_total_mb"] > 0
+
+
+def test_outbox_keeps_everything_until_sent_and_counts_what_it_drops(tmp_path):
+    box = Outbox(tmp_path / "outbox", max_records=3)
+    for i in range(5):
+        box.put("t", f"r{i}".encode())
+    assert len(box) == 3
+    assert box.dropped == 2
+    sent: list[bytes] = []
+    assert box.drain(lambda topic, data: False) == 0  # offline: nothing lost
+    reopened = Outbox(tmp_path / "outbox", max_records=3)  # a restart keeps the journal
+    assert reopened.dropped == 2
+    assert reopened.drain(lambda topic, data: sent.append(data) or True) == 3
+    assert sent == [b"r2", b"r3", b"r4"]
+    assert len(reopened) == 0
