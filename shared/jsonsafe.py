@@ -1,8 +1,10 @@
 """Bounded, strict JSON parsing for input that arrives from outside.
 
 ``json.loads`` alone accepts duplicate keys (keeping the last), NaN and Infinity, any depth until
-``RecursionError``, and any size. ``load_json`` refuses all of these *before* or while parsing,
-with a message that names the document, so a hostile file costs bounded memory and time.
+``RecursionError``, and any size. ``load_json`` refuses all of these, with a message that names
+the document: the size before parsing, duplicates and constants while parsing, nesting from the
+parsed value (runaway nesting is refused by CPython's C parser itself, as a ``RecursionError``,
+without exhausting the C stack). A hostile document costs bounded memory and linear time.
 
 >>> load_json(b'{"a": 1}', what="manifest.json", max_bytes=100)
 {'a': 1}
@@ -20,28 +22,19 @@ __all__ = ["MAX_DEPTH", "load_json", "nesting_depth"]
 MAX_DEPTH = 32
 
 
-def nesting_depth(data: bytes) -> int:
-    """Return the deepest ``[``/``{`` nesting in a JSON text, ignoring brackets inside strings.
-
-    A linear scan with no allocation, so it can run before ``json.loads`` on hostile input.
-    """
-    depth = deepest = 0
-    in_string = escaped = False
-    for byte in data:
-        if in_string:
-            if escaped:
-                escaped = False
-            elif byte == 0x5C:  # backslash
-                escaped = True
-            elif byte == 0x22:  # quote
-                in_string = False
-        elif byte == 0x22:
-            in_string = True
-        elif byte in (0x5B, 0x7B):
-            depth += 1
-            deepest = max(deepest, depth)
-        elif byte in (0x5D, 0x7D):
-            depth -= 1
+def nesting_depth(value: Any) -> int:
+    """The deepest nesting of lists and dicts in a parsed JSON value (iterative, no recursion)."""
+    deepest = 0
+    stack: list[tuple[Any, int]] = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            item = list(item.values())
+        elif not isinstance(item, list):
+            continue
+        depth += 1
+        deepest = max(deepest, depth)
+        stack.extend((child, depth) for child in item if isinstance(child, (list, dict)))
     return deepest
 
 
@@ -80,18 +73,17 @@ def load_json(data: bytes, *, what: str, max_bytes: int, max_depth: int = MAX_DE
         raise ManifestError(
             f"{what}: {len(data)} bytes exceeds the limit of {max_bytes} bytes", check="size"
         )
-    depth = nesting_depth(data)
-    if depth > max_depth:
-        raise ManifestError(
-            f"{what}: nesting depth {depth} exceeds the limit of {max_depth}", check="nesting"
-        )
     try:
         text = data.decode("utf-8")
-        return json.loads(
+        value = json.loads(
             text,
             object_pairs_hook=_refuse_duplicates(what),
             parse_constant=_refuse_constant(what),
         )
+    except RecursionError as e:  # CPython's parser refuses runaway nesting cleanly
+        raise ManifestError(
+            f"{what}: nesting depth exceeds the limit of {max_depth}", check="nesting"
+        ) from e
     except UnicodeDecodeError as e:
         raise ManifestError(
             f"{what}: not UTF-8 ({e.reason} at byte {e.start})", check="json"
@@ -102,3 +94,9 @@ def load_json(data: bytes, *, what: str, max_bytes: int, max_depth: int = MAX_DE
         ) from e
     except ValueError as e:  # e.g. an integer longer than Python's 4300-digit conversion limit
         raise ManifestError(f"{what}: invalid JSON ({e})", check="json") from e
+    depth = nesting_depth(value)
+    if depth > max_depth:
+        raise ManifestError(
+            f"{what}: nesting depth {depth} exceeds the limit of {max_depth}", check="nesting"
+        )
+    return value

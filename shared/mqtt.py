@@ -17,9 +17,11 @@ backoff rather than a reconnect fight.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import random
+import socket
 import ssl
 import threading
 import time
@@ -167,6 +169,10 @@ class MqttLink:
             return
         self._attempt = 0
         self._taken_over = False
+        sock = client.socket()
+        if isinstance(sock, socket.socket):  # small requests and replies go out at once
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         for topic, qos in self._subscriptions:
             client.subscribe(topic, qos)
         self.connected.set()

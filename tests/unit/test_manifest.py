@@ -116,10 +116,13 @@ def test_size_cap_applies_before_parsing():
         parse_manifest(data)
 
 
-def test_deep_nesting_is_refused_before_parsing():
-    data = b"[" * 100_000 + b"]" * 100_000
-    with pytest.raises(ManifestError, match="nesting depth 100000 exceeds the limit of 32"):
+def test_deep_nesting_is_refused_cleanly():
+    data = b"[" * 100_000 + b"]" * 100_000  # far past the parser's own recursion limit
+    with pytest.raises(ManifestError, match="nesting depth exceeds the limit of 32"):
         load_json(data, what="x", max_bytes=1 << 20)
+    moderate = b"[" * 40 + b"]" * 40  # parsable, but deeper than the document may be
+    with pytest.raises(ManifestError, match="nesting depth 40 exceeds the limit of 32"):
+        load_json(moderate, what="x", max_bytes=1 << 20)
 
 
 def test_duplicate_keys_nan_and_bad_utf8_are_refused():
@@ -133,9 +136,10 @@ def test_duplicate_keys_nan_and_bad_utf8_are_refused():
         load_json(b'{"a": ', what="x", max_bytes=100)
 
 
-def test_nesting_depth_ignores_brackets_inside_strings():
-    assert nesting_depth(b'{"a": "[[[[\\"[[["}') == 1
-    assert nesting_depth(b'[[1], {"b": [2]}]') == 3
+def test_nesting_depth_counts_lists_and_objects_not_strings():
+    assert nesting_depth({"a": "[[[[[[["}) == 1
+    assert nesting_depth([[1], {"b": [2]}]) == 3
+    assert nesting_depth(5) == 0
 
 
 def test_model_spec_accepts_what_models_example_writes():

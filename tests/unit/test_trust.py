@@ -703,7 +703,7 @@ MALFORMED_TARGETS: dict[str, tuple[Callable[[bytes], bytes], type[EdgefleetError
     "depth-1000": (
         _deep,
         ManifestError,
-        "nesting depth 1002 exceeds the limit of 32",
+        "nesting depth exceeds the limit of 32",
     ),
     "version-string": (
         lambda d: _edit_signed(d, _set(["signed", "version"], "x")),
