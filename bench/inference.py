@@ -44,9 +44,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import itertools
 import json
-import re
 import shlex
 import socket
 import statistics
@@ -99,18 +97,11 @@ AGENTS: dict[str, dict[str, Any]] = {
         "idle": False,
         "fixes": CLIENT_NODELAY,
     },
-    "EXP example-tls nodelay + fast scan": {
-        "bundle": "example",
-        "transport": "tls",
-        "idle": False,
-        "fixes": (*CLIENT_NODELAY, "fast_json_depth"),
-    },
 }
 FIX_LABELS = {
     "broker_nodelay": "broker set_tcp_nodelay true",
     "agent_nodelay": "TCP_NODELAY on the agent's socket",
     "client_nodelay": "TCP_NODELAY on the clients' sockets",
-    "fast_json_depth": "fast_nesting_depth in the agent",
 }
 MODEL_NAMES = {"example": "cnn", "onnx": "cnn-onnx"}
 VERSIONS = {"example": "1.0.0", "onnx": "2.0.0"}  # the responder keys releases by version
@@ -121,19 +112,6 @@ def _status(pid: int | str) -> dict[str, int]:
     return {f: proc_status_kib(pid, f) or 0 for f in fields}
 
 
-# The suggested replacement for shared.jsonsafe.nesting_depth (same result on every JSON text:
-# brackets inside strings are ignored, escapes included), with the scan done in C: drop the
-# strings with one regex, keep only the brackets, and take the maximum running depth.
-_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
-_NOT_BRACKETS = bytes(sorted(set(range(256)) - set(b"[]{}")))
-_DEPTH_STEP = {0x5B: 1, 0x7B: 1, 0x5D: -1, 0x7D: -1}
-
-
-def fast_nesting_depth(data: bytes) -> int:
-    """What :func:`shared.jsonsafe.nesting_depth` returns, without a Python loop per byte."""
-    brackets = _JSON_STRING.sub(b"", data).translate(None, _NOT_BRACKETS)
-    steps = map(_DEPTH_STEP.__getitem__, brackets)
-    return max(0, max(itertools.accumulate(steps), default=0))
 
 
 # -- child side ----------------------------------------------------------------------------------
@@ -206,10 +184,8 @@ def _components(runner: Any, manifest: Any, x: Any, n: int) -> dict[str, float]:
         timed(
             "agent: parse_payload (all)", lambda p=payload: parse_payload(InferRequest, p, what="r")
         )
-        depth = timed("  of which nesting_depth scan", lambda p=payload: nesting_depth(p))
-        fast = timed("  suggested: fast_nesting_depth", lambda p=payload: fast_nesting_depth(p))
-        assert fast == depth, (fast, depth)
-        timed("  of which json.loads", lambda p=payload: json_module.loads(p))
+        parsed = timed("  of which json.loads", lambda p=payload: json_module.loads(p))
+        timed("  of which nesting_depth (parsed value)", lambda v=parsed: nesting_depth(v))
         request = parse_payload(InferRequest, payload, what="r")
         feeds = timed(
             "agent: lists -> numpy",

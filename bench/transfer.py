@@ -647,8 +647,6 @@ def run_patched_agent(patches: list[str], args: list[str]) -> None:
       it), so a small publish (a fetch request) is not held back by Nagle's algorithm;
     - ``batched_fsync``: StagedDownload writes chunks and record lines without fsync; the files
       and the record are fsynced once, in ``close()`` (the ceiling of batching durability);
-    - ``fast_json_depth``: :func:`shared.jsonsafe.nesting_depth` replaced by
-      ``bench.inference.fast_nesting_depth`` (same result, C-speed scan).
     """
     import socket as socket_module
 
@@ -689,12 +687,6 @@ def run_patched_agent(patches: list[str], args: list[str]) -> None:
 
         updater.StagedDownload.write = write  # type: ignore[method-assign]
         updater.StagedDownload.close = close  # type: ignore[method-assign]
-
-    if "fast_json_depth" in patches:  # the inference benchmark's suggested fix
-        from bench.inference import fast_nesting_depth
-        from shared import jsonsafe
-
-        jsonsafe.nesting_depth = fast_nesting_depth
 
     from shared.cli.main import main as cli_main
 
