@@ -211,7 +211,10 @@ class Backend(ABC):
         cores: int,
         cpu_flags: frozenset[str],
     ) -> list[Candidate]:
-        """The configurations worth trying for ``artifact`` on this machine (may be empty)."""
+        """The configurations worth trying for ``artifact`` on this machine (may be empty).
+
+        Called only for an artifact in one of :attr:`formats` and an installed runtime.
+        """
 
     @abstractmethod
     def load(self, model_root: Path, artifact: Artifact, candidate: Candidate) -> LoadedModel:

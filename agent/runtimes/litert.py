@@ -95,8 +95,6 @@ class LiteRtBackend(Backend):
         cores: int,
         cpu_flags: frozenset[str],
     ) -> list[Candidate]:
-        if artifact.format not in self.formats or not status.installed:
-            return []
         precision = "f32" if artifact.precision == "fp32" else artifact.precision
         found = [
             Candidate.make(

@@ -65,8 +65,6 @@ class OnnxRuntimeBackend(Backend):
         cores: int,
         cpu_flags: frozenset[str],
     ) -> list[Candidate]:
-        if artifact.format not in self.formats or not status.installed:
-            return []
         found = []
         for provider in status.devices:
             thread_counts = thread_options(cores) if provider == CPU else [cores]

@@ -79,8 +79,6 @@ class OpenVinoBackend(Backend):
         cores: int,
         cpu_flags: frozenset[str],
     ) -> list[Candidate]:
-        if artifact.format not in self.formats or not status.installed:
-            return []
         found = []
         for device in status.devices:
             caps = status.device_capabilities(device)
