@@ -8,9 +8,9 @@ Set-up: the same broker as ``bench/transfer.py`` (one Mosquitto with the product
 configuration of :mod:`fleet.broker_config`, mutual TLS, plus its loopback plaintext listener), a
 signed bundle of the small example CNN (``shared.example_models``, 32x32x3 input, every format
 that can be built here: ONNX, OpenVINO IR, TFLite) and a second bundle with only its ONNX
-artifact. Each is deployed with a signed order to a fresh, real ``edgefleet agent run`` process
-(``python -m shared.cli.main``; probation 1 s so it commits quickly, otherwise default settings),
-which selects its runtime by measurement (self-test) as in production.
+artifact. Each is deployed with a signed order to a fresh, real, unmodified ``edgefleet agent run``
+process (``python -m shared.cli.main``; probation 1 s so it commits quickly, otherwise default
+settings), which selects its runtime by measurement (self-test) as in production.
 
 1. Latency. Batch-1 requests with the bundle's first test vector, ``--requests`` sequential
    requests per method, in ``--rounds`` interleaved rounds (method order rotated each round),
@@ -24,7 +24,8 @@ which selects its runtime by measurement (self-test) as in production.
      processes, timed around ``client.infer(...)``: numpy to JSON, MQTT to the agent, the agent's
      parse / infer / answer, MQTT back, JSON to numpy.
    - ``wire``: a plain paho client publishing the same request bytes pre-encoded, timed from
-     ``publish`` to the response arriving in ``on_message`` (no client-side JSON work).
+     ``publish`` to the response arriving in ``on_message`` (no client-side JSON work). Its
+     socket has TCP_NODELAY, as every ``shared.mqtt.MqttLink`` has.
 
    The agent's share of the work is also timed in the direct child on the same request bytes,
    step by step as ``Agent._answer`` does it.
@@ -86,22 +87,10 @@ CPU_GOAL_PCT = 1.0
 WARMUP = 20
 SAMPLE_S = 0.5
 SETTLE_S = 3.0
-CLIENT_NODELAY = ("broker_nodelay", "agent_nodelay", "client_nodelay")
-AGENTS: dict[str, dict[str, Any]] = {
-    "example-tls": {"bundle": "example", "transport": "tls", "idle": True, "fixes": ()},
-    "example-plain": {"bundle": "example", "transport": "plain", "idle": False, "fixes": ()},
-    "onnx-tls": {"bundle": "onnx", "transport": "tls", "idle": True, "fixes": ()},
-    "EXP example-tls nodelay": {
-        "bundle": "example",
-        "transport": "tls",
-        "idle": False,
-        "fixes": CLIENT_NODELAY,
-    },
-}
-FIX_LABELS = {
-    "broker_nodelay": "broker set_tcp_nodelay true",
-    "agent_nodelay": "TCP_NODELAY on the agent's socket",
-    "client_nodelay": "TCP_NODELAY on the clients' sockets",
+AGENTS: dict[str, dict[str, Any]] = {  # every case is the agent as shipped
+    "example-tls": {"bundle": "example", "transport": "tls", "idle": True},
+    "example-plain": {"bundle": "example", "transport": "plain", "idle": False},
+    "onnx-tls": {"bundle": "onnx", "transport": "tls", "idle": True},
 }
 MODEL_NAMES = {"example": "cnn", "onnx": "cnn-onnx"}
 VERSIONS = {"example": "1.0.0", "onnx": "2.0.0"}  # the responder keys releases by version
@@ -110,8 +99,6 @@ VERSIONS = {"example": "1.0.0", "onnx": "2.0.0"}  # the responder keys releases 
 def _status(pid: int | str) -> dict[str, int]:
     fields = ("VmRSS", "VmHWM", "RssAnon", "RssFile", "RssShmem", "Threads")
     return {f: proc_status_kib(pid, f) or 0 for f in fields}
-
-
 
 
 # -- child side ----------------------------------------------------------------------------------
@@ -379,6 +366,9 @@ class WireClient:
         )
         self.template = template.model_dump_json().encode()
         self.client = Client(broker.spec(transport, APP_WIRE))
+        # as shared.mqtt.MqttLink (InferenceClient's link) does on connect: without it, each
+        # request waits for the broker's delayed ACK (~40 ms) and this would time Nagle, not MQTT
+        self.client.paho.socket().setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._arrived = threading.Event()
         self._expect = b""
         self._hit_at = 0.0
@@ -444,8 +434,6 @@ def measure_latency(
     model: str,
     requests: int,
     rounds: int,
-    *,
-    client_nodelay: bool = False,
 ) -> dict[str, Any]:
     import numpy as np
 
@@ -474,9 +462,6 @@ def measure_latency(
     hello = json.loads(direct.stdout.readline())
     client = make_inference_client(broker, transport)
     wire = WireClient(broker, transport, model, x, name)
-    if client_nodelay:  # EXPERIMENT: the clients' side of the suggested fix
-        for sock in (client._link._client.socket(), wire.client.paho.socket()):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     latencies: dict[str, list[float]] = defaultdict(list)
     round_p50: dict[str, list[float]] = defaultdict(list)
     per_round = max(1, requests // rounds)
@@ -531,7 +516,7 @@ def measure_latency(
 
 def run_agent_case(
     key: str,
-    brokers: dict[str, Broker],
+    broker: Broker,
     releases: Releases,
     bundles: dict[str, Path],
     tmp: Path,
@@ -540,35 +525,20 @@ def run_agent_case(
     log: Any,
 ) -> dict[str, Any]:
     case = AGENTS[key]
-    bundle_key, transport, fixes = case["bundle"], case["transport"], case["fixes"]
-    broker = brokers["nodelay" if "broker_nodelay" in fixes else "production"]
+    bundle_key, transport = case["bundle"], case["transport"]
     model = MODEL_NAMES[bundle_key]
     responder = Responder(broker, transport, releases)
     for path in bundles.values():
         responder.publish_release(path)
     version = VERSIONS[bundle_key]
     data_dir = tmp / f"agent-{len(list(tmp.glob('agent-*')))}" / "data"
-    patches = [f for f in fixes if f in ("agent_nodelay", "fast_json_depth")]
-    launcher = (
-        [
-            sys.executable,
-            str(REPO / "bench" / "transfer.py"),
-            "--agent-experiment",
-            ",".join(patches),
-        ]
-        if patches
-        else None
-    )
-    proc = start_agent(
-        broker, transport, releases, data_dir, settings={"probation_s": 1.0}, launcher=launcher
-    )
+    proc = start_agent(broker, transport, releases, data_dir, settings={"probation_s": 1.0})
     result: dict[str, Any] = {
         "bundle": bundle_key,
         "model": model,
         "transport": transport,
-        "fixes": [FIX_LABELS[f] for f in fixes],
     }
-    requests = opts.requests if key == "example-tls" or fixes else opts.requests_other
+    requests = opts.requests if key == "example-tls" else opts.requests_other
     try:
         responder.wait_for(lambda s, b: s == "up/state", timeout=60, what="first state report")
         result["status_before_deploy"] = _status(proc.pid)
@@ -601,7 +571,6 @@ def run_agent_case(
             model,
             requests,
             opts.rounds,
-            client_nodelay="client_nodelay" in fixes,
         )
         result["status_after_latency"] = _status(proc.pid)
     finally:
@@ -690,18 +659,14 @@ def run_benchmark(opts: argparse.Namespace, log: Any) -> dict[str, Any]:
             "example": releases.build(example, MODEL_NAMES["example"], VERSIONS["example"]),
             "onnx": releases.build(onnx_only, MODEL_NAMES["onnx"], VERSIONS["onnx"]),
         }
-        log("starting mosquitto: production, and one with set_tcp_nodelay true (experiments)...")
-        brokers = {
-            "production": Broker(tmp / "broker"),
-            "nodelay": Broker(tmp / "broker-nodelay", extra_conf="set_tcp_nodelay true"),
-        }
+        log("starting mosquitto (production config: TLS + loopback plaintext)...")
+        broker = Broker(tmp / "broker")
         cases: dict[str, Any] = {}
         try:
             for i, key in enumerate(AGENTS):
-                cases[key] = run_agent_case(key, brokers, releases, bundles, tmp, i + 1, opts, log)
+                cases[key] = run_agent_case(key, broker, releases, bundles, tmp, i + 1, opts, log)
         finally:
-            for broker in brokers.values():
-                broker.stop()
+            broker.stop()
         imports = measure_imports(example, log)
 
     tls = cases["example-tls"]["latency"]
@@ -783,7 +748,7 @@ def print_report(report: dict[str, Any]) -> None:
 
     comp = Table(title="CPU work of one round trip, step by step (median ms, direct child)")
     comp.add_column("step")
-    plain_cases = [k for k in cases if not cases[k]["fixes"]]
+    plain_cases = list(cases)
     for key in plain_cases:
         comp.add_column(key, justify="right")
     components = cases["example-tls"]["latency"]["components_ms"]
@@ -800,9 +765,6 @@ def print_report(report: dict[str, Any]) -> None:
         ),
     )
     console.print(comp)
-    for key, case in cases.items():
-        if case["fixes"]:
-            console.print(f"[bold]{key}[/]: EXPERIMENT with {'; '.join(case['fixes'])}")
 
     idle = Table(title="idle agent after deployment (edgefleet agent run, committed, no requests)")
     for col in (
@@ -909,13 +871,13 @@ def main() -> None:
         "--requests",
         type=int,
         default=500,
-        help="per method, for the goal's case and the experiments (default 500)",
+        help="per method, for the goal's case (example-tls; default 500)",
     )
     parser.add_argument(
         "--requests-other",
         type=int,
         default=100,
-        help="per method, for the other cases (default 100; ~90 ms each as shipped)",
+        help="per method, for the other cases (default 100)",
     )
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds (default 5)")
     parser.add_argument("--idle-s", type=float, default=20, help="idle sampling (default 20)")

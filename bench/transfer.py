@@ -10,16 +10,16 @@ Set-up (all on this machine, loopback):
   configuration (:func:`fleet.broker_config.write_broker_config`: mutual-TLS listener, ACLs,
   ``max_packet_size`` 1 MiB, persistence on) **plus** its development loopback plaintext
   listener (``allow_plaintext_port``). Every figure is measured on both listeners of that one
-  broker process: ``tls`` (what devices use) and ``plain``. (The experiments below use a second
-  one, identical but for ``set_tcp_nodelay true``.)
+  broker process: ``tls`` (what devices use) and ``plain``. The production configuration includes
+  ``set_tcp_nodelay true``.
 - Two signed bundles of a model (the small example CNN as ONNX, plus a ``--size-mb`` MB file of
   random weights), built with the production chunk size (256 KiB). Version 2.0.0 differs from
   1.0.0 in one contiguous region of ``DELTA_SHARE`` (10%) of the weights file, not chunk-aligned.
 - Fetches are answered by a responder in this process that does what the fleet service does on
   the wire (like ``tests/integration/fleet_harness.py``): :func:`fleet.distribution.answer_fetch`
   with the production ``max_message`` of 1 MiB (so each 256 KiB chunk is one frame), published
-  QoS 1 by a paho client with default settings; orders are signed with
-  :func:`shared.trust.sign_deployment`.
+  QoS 1 by a paho client with TCP_NODELAY on its socket (as :class:`shared.mqtt.MqttLink`, which
+  the fleet service uses, sets it); orders are signed with :func:`shared.trust.sign_deployment`.
 
 Measured, in interleaved rounds (``--repeat``, median reported), per listener:
 
@@ -28,30 +28,25 @@ Measured, in interleaved rounds (``--repeat``, median reported), per listener:
   subscriber in a child process (default paho settings, QoS 1 subscription). Time from the first
   ``publish`` call to the subscriber receiving the last message (CLOCK_MONOTONIC, shared by both
   processes).
-- ``agent``: a real ``edgefleet agent run`` process with a fresh data directory is sent a signed
-  order for v1. Phases are timed from outside: the order, the agent's ``received``,
+- ``agent``: a real, unmodified ``edgefleet agent run`` process with a fresh data directory is
+  sent a signed order for v1. Phases are timed from outside: the order, the agent's ``received``,
   ``downloading`` and ``downloaded`` events (their ``time`` field, the agent's wall clock), and a
-  1 ms poll of the staging directory's durable record of verified chunks (``.verified``: its last
-  line is written when the last chunk is verified, written and fsynced; the file is removed after
-  the whole-file check). **Transfer** = ``downloading`` event -> last record line: planning the
-  chunks, every request, frame, chunk hash, ``pwrite`` and ``fsync``. **Verify** = last line ->
-  record removed (whole-file SHA-256). **Install** = record removed -> ``downloaded`` (fsync and
-  rename into the store). Throughput is payload bytes over the phase.
+  1 ms poll of the staging directory's durable record of verified chunks (``.verified``: chunks
+  are appended to it in batches, after an ``fdatasync``, every ``FLUSH_BYTES`` or ``FLUSH_S``; its
+  last line is written when the last chunk is verified, written and synced; the file is removed
+  after the whole-file check). **Transfer** = ``downloading`` event -> last record line: planning
+  the chunks, every request, frame, chunk hash, ``pwrite`` and batched sync. **Verify** = last
+  line -> record removed (whole-file SHA-256). **Install** = record removed -> ``downloaded``
+  (fsync and rename into the store). Throughput is payload bytes over the phase.
 - ``delta``: then v2 is ordered on the same agent; the bytes of every chunk frame the responder
   publishes for v2 are counted and compared with the v2 bundle file size.
 - ``storage``: the agent's durable chunk writes alone, no network, in a child process: every
-  chunk of v1 through :class:`agent.updater.StagedDownload` (pwrite, fsync, record line, fsync),
-  then the same bytes with one fsync per file at the end.
+  chunk of v1 through :class:`agent.updater.StagedDownload` as the deployer drives it (``write``
+  then ``flush(force=False)`` per chunk, ``close``), then the same bytes with one fsync per file
+  at the end (the floor for durable writes).
 
-Diagnosis (``--no-experiments`` skips it): the same v1 pull with suggested fixes applied, all
-three and each left out in turn, to attribute the time. Fixes: ``broker_nodelay`` (a second
-mosquitto whose config adds ``set_tcp_nodelay true``; raw paho is measured on it too),
-``agent_nodelay`` (TCP_NODELAY on the agent's MQTT socket, patched in at start-up, and on the
-responder's), ``batched_fsync`` (StagedDownload without per-chunk fsync; one fsync per file at
-the end). These are EXPERIMENTS run by patching a real agent process at start-up
-(``--agent-experiment``); the goal's figures are always the agent as shipped on the production
-broker. Before each run the benchmark waits (``--max-quiet-wait``) for other processes to use
-less than half a core, and every window's CPU use by other processes is reported.
+Before each run the benchmark waits (``--max-quiet-wait``) for other processes to use less than
+half a core, and every window's CPU use by other processes is reported.
 
 Goals (from the issue): the agent's transfer phase reaches >= 50% of raw paho throughput on the
 same listener in the same run; the v2 pull sends <= 20% of the v2 bundle. The exit status is 0
@@ -102,31 +97,6 @@ MODEL = "bench"
 TRANSPORTS = ("tls", "plain")
 POLL_S = 0.001
 QUIET_CORES = 0.5  # other processes' CPU use below which the machine counts as quiet
-BROKER_VARIANTS = {"production": "", "nodelay": "set_tcp_nodelay true"}
-FIXES = {
-    "broker_nodelay": "broker: set_tcp_nodelay true",
-    "agent_nodelay": "TCP_NODELAY on the agent's and the fleet side's MQTT sockets",
-    "batched_fsync": "agent: no per-chunk fsync (one per file at the end)",
-}
-VARIANTS: dict[str, dict[str, Any]] = {
-    "shipped": {"fixes": (), "short": "as shipped"},
-    "all_fixes": {"fixes": tuple(FIXES), "short": "all 3 fixes"},
-    **{
-        f"without_{fix}": {
-            "fixes": tuple(f for f in FIXES if f != fix),
-            "short": f"all but {fix.replace('_', ' ').replace('agent ', 'mqtt ')}",
-        }
-        for fix in FIXES
-    },
-}
-for _variant in VARIANTS.values():
-    _variant["broker"] = "nodelay" if "broker_nodelay" in _variant["fixes"] else "production"
-    _variant["agent_patches"] = tuple(f for f in _variant["fixes"] if f != "broker_nodelay")
-    _variant["label"] = (
-        "as shipped, production broker (the goal's figure)"
-        if not _variant["fixes"]
-        else "EXPERIMENT: " + "; ".join(FIXES[f] for f in _variant["fixes"])
-    )
 
 
 # -- shared by bench/transfer.py and bench/inference.py ------------------------------------------
@@ -204,7 +174,7 @@ def loadavg() -> float:
 class Broker:
     """One mosquitto: the production configuration plus the loopback plaintext listener."""
 
-    def __init__(self, root: Path, *, extra_conf: str = "") -> None:
+    def __init__(self, root: Path) -> None:
         from fleet.broker_config import BrokerConfig, write_broker_config
         from tests.pki import issue_client, make_pki
 
@@ -225,8 +195,6 @@ class Broker:
             log_types=("error", "warning"),
         )
         paths = write_broker_config(root, self.cfg, apps={APP: DEVICE, APP_WIRE: DEVICE})
-        if extra_conf:  # a diagnostic variant: global options appended to the production text
-            paths["conf"].write_text(paths["conf"].read_text() + extra_conf + "\n")
         self.log_path = root / "mosquitto.log"
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
@@ -361,9 +329,7 @@ class Responder:
     :func:`fleet.distribution.answer_fetch`, sends signed orders, records reports with their
     arrival time (``time.time()``) and the chunk frames it sends per release."""
 
-    def __init__(
-        self, broker: Broker, transport: str, releases: Releases, *, nodelay: bool = False
-    ) -> None:
+    def __init__(self, broker: Broker, transport: str, releases: Releases) -> None:
         from fleet.distribution import BundleRepository
 
         self.releases = releases
@@ -378,8 +344,8 @@ class Responder:
         self.reports: list[tuple[float, str, dict[str, Any]]] = []
         self._lock = threading.Condition()
         self.client = Client(broker.spec(transport, FLEET))
-        if nodelay:  # EXPERIMENT: the fleet side of the suggested TCP_NODELAY fix
-            self.client.paho.socket().setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        # as shared.mqtt.MqttLink (the fleet service's link) does on connect
+        self.client.paho.socket().setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.client.subscribe("edgefleet/v1/devices/+/up/#")
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._serve, daemon=True, name="responder")
@@ -510,11 +476,8 @@ def start_agent(
     *,
     settings: dict[str, Any] | None = None,
     log: Path | None = None,
-    launcher: list[str] | None = None,
 ) -> subprocess.Popen[bytes]:
-    """A real ``edgefleet agent run`` (``python -m shared.cli.main``) as device ``dev-001``.
-
-    ``launcher`` replaces ``python -m shared.cli.main`` (the no-fsync experiment)."""
+    """A real ``edgefleet agent run`` (``python -m shared.cli.main``) as device ``dev-001``."""
     data_dir.mkdir(parents=True)
     config = data_dir.parent / f"{data_dir.name}.toml"
     values: dict[str, Any] = {"probation_s": 0.5, **(settings or {})}
@@ -522,7 +485,9 @@ def start_agent(
         values["username"] = DEVICE  # the plaintext listener trusts the claimed name
     config.write_text("[agent]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in values.items()))
     command = [
-        *(launcher or [sys.executable, "-m", "shared.cli.main"]),
+        sys.executable,
+        "-m",
+        "shared.cli.main",
         "agent",
         "run",
         "--broker",
@@ -596,19 +561,24 @@ def child_subscribe(spec: dict[str, Any]) -> dict[str, Any]:
 
 def child_storage(spec: dict[str, Any]) -> dict[str, Any]:
     """The agent's durable chunk writes alone, no network: every chunk of the bundle through
-    :class:`agent.updater.StagedDownload` (pwrite + fsync + record line + fsync per chunk), then
-    the same bytes with pwrite only and one fsync per file at the end (the batching ceiling)."""
+    :class:`agent.updater.StagedDownload` as the deployer drives it (``write`` and
+    ``flush(force=False)`` per chunk: batched fdatasync + record lines; ``close``), then the same
+    bytes with pwrite only and one fsync per file at the end (the floor)."""
     from agent.transfer import plan_chunks
-    from agent.updater import StagedDownload
+    from agent.updater import FLUSH_BYTES, FLUSH_S, StagedDownload
     from fleet.distribution import BundleRepository
 
     repo = BundleRepository()
     target = repo.add(Path(spec["bundle"]))
     manifest = _manifest(repo, target)
     chunks = [(c, repo.chunk(target, c.file, c.index)) for c in plan_chunks(manifest)]
-    result: dict[str, Any] = {"bytes": sum(c.size for c, _ in chunks)}
+    result: dict[str, Any] = {
+        "bytes": sum(c.size for c, _ in chunks),
+        "flush_bytes": FLUSH_BYTES,
+        "flush_s": FLUSH_S,
+    }
 
-    root = Path(spec["dir"]) / "per-chunk-fsync"
+    root = Path(spec["dir"]) / "staged"
     root.mkdir(parents=True)
     start = time.perf_counter()
     staged = StagedDownload(root, manifest)
@@ -616,6 +586,7 @@ def child_storage(spec: dict[str, Any]) -> dict[str, Any]:
     for chunk, data in chunks:
         t = time.perf_counter()
         staged.write(chunk, data or b"")
+        staged.flush(force=False)
         per_chunk.append(time.perf_counter() - t)
     staged.close()
     result["staged_write_s"] = time.perf_counter() - start
@@ -637,61 +608,6 @@ def child_storage(spec: dict[str, Any]) -> dict[str, Any]:
         os.close(fd)
     result["one_fsync_s"] = time.perf_counter() - start
     return result
-
-
-def run_patched_agent(patches: list[str], args: list[str]) -> None:
-    """EXPERIMENT, not the agent as shipped: ``edgefleet <args>`` with some of the suggested
-    fixes applied by patching at start-up, to measure what each would bring:
-
-    - ``agent_nodelay``: TCP_NODELAY on the agent's MQTT socket once connected (paho never sets
-      it), so a small publish (a fetch request) is not held back by Nagle's algorithm;
-    - ``batched_fsync``: StagedDownload writes chunks and record lines without fsync; the files
-      and the record are fsynced once, in ``close()`` (the ceiling of batching durability);
-    """
-    import socket as socket_module
-
-    if "agent_nodelay" in patches:
-        from shared import mqtt
-
-        original_on_connect = mqtt.MqttLink._on_connect
-
-        def on_connect(self: Any, client: Any, *rest: Any) -> None:
-            sock = client.socket()
-            if sock is not None:
-                sock.setsockopt(socket_module.IPPROTO_TCP, socket_module.TCP_NODELAY, 1)
-            original_on_connect(self, client, *rest)
-
-        mqtt.MqttLink._on_connect = on_connect  # type: ignore[method-assign]
-
-    if "batched_fsync" in patches:
-        from agent import updater
-
-        def write(self: Any, chunk: Any, data: bytes) -> None:
-            fd = self._fds.get(chunk.file)
-            if fd is None:
-                fd = self._fds[chunk.file] = os.open(self.root / chunk.file, os.O_WRONLY)
-            os.pwrite(fd, data, chunk.offset)
-            with self.record.open("a") as f:
-                f.write(f"{chunk.file}\t{chunk.index}\n")
-
-        original_close = updater.StagedDownload.close
-
-        def close(self: Any) -> None:
-            for fd in self._fds.values():
-                os.fsync(fd)
-            if self.record.exists():
-                fd = os.open(self.record, os.O_RDONLY)
-                os.fsync(fd)
-                os.close(fd)
-            original_close(self)
-
-        updater.StagedDownload.write = write  # type: ignore[method-assign]
-        updater.StagedDownload.close = close  # type: ignore[method-assign]
-
-    from shared.cli.main import main as cli_main
-
-    sys.argv = ["edgefleet", *args]
-    cli_main()
 
 
 # -- parent side ---------------------------------------------------------------------------------
@@ -861,21 +777,15 @@ def run_agent(
     work: Path,
     sequence: int,
     *,
-    patches: tuple[str, ...] = (),
     delta: bool = True,
     before_order: Any = None,
 ) -> dict[str, Any]:
     """A fresh agent pulls v1 (timed by phase), then, with ``delta``, v2 (bytes counted)."""
-    responder = Responder(broker, transport, releases, nodelay="agent_nodelay" in patches)
+    responder = Responder(broker, transport, releases)
     targets = {v: responder.publish_release(b) for v, b in bundles.items()}
     manifest = _manifest(responder.repo, targets["1.0.0"])
     data_dir = work / "data"
-    launcher = (
-        [sys.executable, str(Path(__file__).resolve()), "--agent-experiment", ",".join(patches)]
-        if patches
-        else None
-    )
-    proc = start_agent(broker, transport, releases, data_dir, launcher=launcher)
+    proc = start_agent(broker, transport, releases, data_dir)
     v2: dict[str, Any] | None = None
     try:
         responder.wait_for(lambda s, b: s == "up/state", timeout=60, what="first state report")
@@ -1052,15 +962,12 @@ def run_benchmark(
     size_mb: float,
     repeat: int,
     transports: list[str],
-    experiments: bool,
     max_quiet_wait_s: float,
     log: Any,
 ) -> dict[str, Any]:
     from fleet.distribution import BundleRepository
 
     size = int(size_mb * MB)
-    variants = {k: v for k, v in VARIANTS.items() if experiments or k == "shipped"}
-    broker_names = sorted({v["broker"] for v in variants.values()}, reverse=True)
     load_before = loadavg()
     quiet: list[dict[str, float]] = []
     with tempfile.TemporaryDirectory(prefix="edgefleet-bench-transfer-") as tmp_name:
@@ -1080,43 +987,33 @@ def run_benchmark(
         target = repo.add(bundles["1.0.0"])
         frames = chunk_frames(repo, target)
         frame_sizes = sorted({len(f) for f in frames})
-        log(f"starting mosquitto: {', '.join(broker_names)} (each: TLS + loopback plaintext)...")
-        brokers = {
-            name: Broker(tmp / f"broker-{name}", extra_conf=BROKER_VARIANTS[name])
-            for name in broker_names
-        }
-        raw: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
-        agent: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
+        log("starting mosquitto (production config: TLS + loopback plaintext)...")
+        broker = Broker(tmp / "broker")
+        raw: dict[str, list[dict[str, Any]]] = defaultdict(list)
+        agent: dict[str, list[dict[str, Any]]] = defaultdict(list)
         storage: list[dict[str, Any]] = []
         sequence = 1
         try:
-            for broker in brokers.values():  # warm-up (page cache, TLS code paths)
-                for transport in transports:
-                    run_raw(broker, transport, frames[: max(1, len(frames) // 8)])
+            for transport in transports:  # warm-up (page cache, TLS code paths)
+                run_raw(broker, transport, frames[: max(1, len(frames) // 8)])
             for i in range(repeat):
                 for transport in transports:
-                    for name, broker in brokers.items():
-                        log(f"round {i + 1}/{repeat}, {transport}, {name} broker: raw paho")
-                        quiet.append(wait_quiet(max_quiet_wait_s, log))
-                        raw[(name, transport)].append(run_raw(broker, transport, frames))
-                    for key, variant in variants.items():
-                        log(f"round {i + 1}/{repeat}, {transport}: agent, {variant['label']}")
-                        agent[(key, transport)].append(
-                            run_agent(
-                                brokers[variant["broker"]],
-                                transport,
-                                releases,
-                                bundles,
-                                tmp / f"a-{key}-{transport}-{i}",
-                                sequence,
-                                patches=variant["agent_patches"],
-                                delta=key == "shipped",
-                                before_order=lambda: quiet.append(
-                                    wait_quiet(max_quiet_wait_s, log)
-                                ),
-                            )
+                    log(f"round {i + 1}/{repeat}, {transport}: raw paho")
+                    quiet.append(wait_quiet(max_quiet_wait_s, log))
+                    raw[transport].append(run_raw(broker, transport, frames))
+                    log(f"round {i + 1}/{repeat}, {transport}: agent as shipped, v1 then v2")
+                    agent[transport].append(
+                        run_agent(
+                            broker,
+                            transport,
+                            releases,
+                            bundles,
+                            tmp / f"a-{transport}-{i}",
+                            sequence,
+                            before_order=lambda: quiet.append(wait_quiet(max_quiet_wait_s, log)),
                         )
-                        sequence += 2
+                    )
+                    sequence += 2
                 log(f"round {i + 1}/{repeat}: the agent's durable chunk writes alone (no network)")
                 quiet.append(wait_quiet(max_quiet_wait_s, log))
                 storage.append(
@@ -1130,22 +1027,18 @@ def run_benchmark(
                 )
                 shutil.rmtree(tmp / f"s-{i}", ignore_errors=True)
         finally:
-            for broker in brokers.values():
-                broker.stop()
+            broker.stop()
         total_frame_bytes = sum(len(f) for f in frames)
 
     results: dict[str, Any] = {}
     for transport in transports:
-        raws = {name: _summarize_raw(raw[(name, transport)]) for name in brokers}
-        per_variant = {
-            key: _summarize_agent(
-                agent[(key, transport)], raws[variant["broker"]]["mb_per_s_median"]
-            )
-            for key, variant in variants.items()
+        raw_summary = _summarize_raw(raw[transport])
+        results[transport] = {
+            "raw": raw_summary,
+            "agent": _summarize_agent(agent[transport], raw_summary["mb_per_s_median"]),
         }
-        results[transport] = {"raw": raws, "agent": per_variant}
 
-    shipped = {t: results[t]["agent"]["shipped"] for t in transports}
+    shipped = {t: results[t]["agent"] for t in transports}
     payload = shipped[transports[0]]["payload_bytes"]
     storage_summary = {
         "runs": len(storage),
@@ -1158,6 +1051,8 @@ def run_benchmark(
             [s["staged_write_ms_per_chunk_median"] for s in storage]
         ),
         "staged_write_ms_per_chunk_max": max(s["staged_write_ms_per_chunk_max"] for s in storage),
+        "flush_bytes": storage[0]["flush_bytes"],
+        "flush_s": storage[0]["flush_s"],
         "one_fsync_s_median": _median([s["one_fsync_s"] for s in storage]),
         "one_fsync_mb_per_s_median": _median([s["bytes"] / MB / s["one_fsync_s"] for s in storage]),
     }
@@ -1178,13 +1073,9 @@ def run_benchmark(
             "frames_per_pull": len(frames),
             "frame_bytes_total": total_frame_bytes,
             "payload_bytes": payload,
-            "agent": "defaults (window_chunks 8, 4 chunks per request, request_timeout_s 10)",
-            "brokers": {
-                name: "fleet.broker_config production config + loopback plaintext listener"
-                + (f" + '{BROKER_VARIANTS[name]}'" if BROKER_VARIANTS[name] else "")
-                for name in brokers
-            },
-            "variants": {k: v["label"] for k, v in variants.items()},
+            "agent": "as shipped, defaults (window_chunks 8, 4 chunks per request, "
+            "request_timeout_s 10)",
+            "broker": "fleet.broker_config production config + loopback plaintext listener",
             "delta_share": DELTA_SHARE,
             "weights_bytes": size,
         },
@@ -1227,52 +1118,44 @@ def print_report(report: dict[str, Any]) -> None:
     )
     r = report["results"]
     table = Table(title="bundle pull vs raw paho on the same broker (MB/s of payload, median)")
-    for col in ("listener", "broker", "what", "seconds", "MB/s", "MB/s all runs", "vs raw"):
-        table.add_column(col, justify="left" if col in ("listener", "broker", "what") else "right")
+    for col in ("listener", "what", "seconds", "MB/s", "MB/s all runs", "vs raw"):
+        table.add_column(col, justify="left" if col in ("listener", "what") else "right")
     for t, x in r.items():
-        for name, raw in x["raw"].items():
-            table.add_row(
-                t,
-                name,
-                "raw paho pub -> sub (the limit)",
-                f"{raw['seconds_median']:.3f}",
-                f"{raw['mb_per_s_median']:.0f}",
-                " ".join(f"{v:.0f}" for v in raw["mb_per_s_all"]),
-                "1.00",
-            )
-        for key, a in x["agent"].items():
-            variant = VARIANTS[key]
-            ph = a["phases_s_median"]
-            prefix = "agent" if key == "shipped" else f"EXP. {variant['short']}"
-            table.add_row(
-                t,
-                variant["broker"],
-                f"{prefix}: transfer phase",
-                f"{ph['transfer']:.3f}",
-                f"{a['transfer_mb_per_s_median']:.0f}",
-                " ".join(f"{v:.0f}" for v in a["transfer_mb_per_s_all"]),
-                f"{a['transfer_vs_raw']:.2f}",
-            )
-            table.add_row(
-                t,
-                variant["broker"],
-                f"{prefix}: downloading -> downloaded",
-                f"{ph['downloading_to_downloaded']:.3f}",
-                f"{a['downloading_to_downloaded_mb_per_s_median']:.0f}",
-                "",
-                f"{a['downloading_to_downloaded_vs_raw']:.2f}",
-            )
-            if key == "shipped":
-                table.add_row(
-                    t,
-                    variant["broker"],
-                    "agent: order -> downloaded",
-                    f"{ph['order_to_downloaded']:.3f}",
-                    f"{a['order_to_downloaded_mb_per_s_median']:.0f}",
-                    "",
-                    f"{a['order_to_downloaded_vs_raw']:.2f}",
-                )
-        table.rows[-1].end_section = True
+        raw, a = x["raw"], x["agent"]
+        ph = a["phases_s_median"]
+        table.add_row(
+            t,
+            "raw paho pub -> sub (the limit)",
+            f"{raw['seconds_median']:.3f}",
+            f"{raw['mb_per_s_median']:.0f}",
+            " ".join(f"{v:.0f}" for v in raw["mb_per_s_all"]),
+            "1.00",
+        )
+        table.add_row(
+            t,
+            "agent: transfer phase (the goal)",
+            f"{ph['transfer']:.3f}",
+            f"{a['transfer_mb_per_s_median']:.0f}",
+            " ".join(f"{v:.0f}" for v in a["transfer_mb_per_s_all"]),
+            f"{a['transfer_vs_raw']:.2f}",
+        )
+        table.add_row(
+            t,
+            "agent: downloading -> downloaded",
+            f"{ph['downloading_to_downloaded']:.3f}",
+            f"{a['downloading_to_downloaded_mb_per_s_median']:.0f}",
+            "",
+            f"{a['downloading_to_downloaded_vs_raw']:.2f}",
+        )
+        table.add_row(
+            t,
+            "agent: order -> downloaded",
+            f"{ph['order_to_downloaded']:.3f}",
+            f"{a['order_to_downloaded_mb_per_s_median']:.0f}",
+            "",
+            f"{a['order_to_downloaded_vs_raw']:.2f}",
+            end_section=True,
+        )
     console.print(table)
 
     st = report["storage"]
@@ -1281,7 +1164,8 @@ def print_report(report: dict[str, Any]) -> None:
         f"{st['bytes'] / MB:.1f} MB): {st['staged_write_s_median']:.3f} s = "
         f"{st['staged_write_mb_per_s_median']:.0f} MB/s, "
         f"{st['staged_write_ms_per_chunk_median']:.2f} ms per chunk "
-        f"(max {st['staged_write_ms_per_chunk_max']:.1f}); pwrite + one fsync per file: "
+        f"(max {st['staged_write_ms_per_chunk_max']:.1f}; sync every "
+        f"{st['flush_bytes'] // MIB} MiB or {st['flush_s']:g} s); pwrite + one fsync per file: "
         f"{st['one_fsync_s_median']:.3f} s = {st['one_fsync_mb_per_s_median']:.0f} MB/s"
     )
 
@@ -1297,14 +1181,11 @@ def print_report(report: dict[str, Any]) -> None:
         "downloaded_to_activated": "-> activated",
     }
     phases.add_column("listener")
-    phases.add_column("agent")
     for title in names.values():
         phases.add_column(title, justify="right")
     for t, x in r.items():
-        for key, a in x["agent"].items():
-            ph = a["phases_s_median"]
-            phases.add_row(t, VARIANTS[key]["short"], *(f"{ph[k]:.3f}" for k in names))
-        phases.rows[-1].end_section = True
+        ph = x["agent"]["phases_s_median"]
+        phases.add_row(t, *(f"{ph[k]:.3f}" for k in names))
     console.print(phases)
 
     cpu = Table(title="CPU seconds (utime+stime) per process during the window, median")
@@ -1313,28 +1194,26 @@ def print_report(report: dict[str, Any]) -> None:
     for col in ("wall s", "agent / subscriber", "broker", "responder / publisher", "others"):
         cpu.add_column(col, justify="right")
     for t, x in r.items():
-        for name, raw in x["raw"].items():
-            rc = raw["cpu_s_median"]
-            cpu.add_row(
-                t,
-                f"raw run, {name} broker",
-                f"{raw['seconds_median']:.3f}",
-                f"{rc['subscriber']:.2f}",
-                f"{rc['broker']:.2f}",
-                f"{rc['publisher']:.2f}",
-                f"{rc['others']:.2f}",
-            )
-        for key, a in x["agent"].items():
-            ac = a["cpu_s_transfer_median"]
-            cpu.add_row(
-                t,
-                f"transfer (first to last record line), {VARIANTS[key]['short']}",
-                f"{a['transfer_wall_s_between_cpu_marks_median']:.3f}",
-                f"{ac['agent']:.2f}",
-                f"{ac['broker']:.2f}",
-                f"{ac['responder']:.2f}",
-                f"{ac['others']:.2f}",
-            )
+        raw, a = x["raw"], x["agent"]
+        rc, ac = raw["cpu_s_median"], a["cpu_s_transfer_median"]
+        cpu.add_row(
+            t,
+            "raw run",
+            f"{raw['seconds_median']:.3f}",
+            f"{rc['subscriber']:.2f}",
+            f"{rc['broker']:.2f}",
+            f"{rc['publisher']:.2f}",
+            f"{rc['others']:.2f}",
+        )
+        cpu.add_row(
+            t,
+            "agent: first to last durable record batch",
+            f"{a['transfer_wall_s_between_cpu_marks_median']:.3f}",
+            f"{ac['agent']:.2f}",
+            f"{ac['broker']:.2f}",
+            f"{ac['responder']:.2f}",
+            f"{ac['others']:.2f}",
+        )
     console.print(cpu)
 
     delta = Table(title="v2 (10% of the weights changed, contiguous) after v1, agent as shipped")
@@ -1348,7 +1227,7 @@ def print_report(report: dict[str, Any]) -> None:
     ):
         delta.add_column(col, justify="left" if col == "listener" else "right")
     for t, x in r.items():
-        d = x["agent"]["shipped"]["delta"]
+        d = x["agent"]["delta"]
         delta.add_row(
             t,
             f"{d['chunk_frame_bytes']:,}",
@@ -1359,7 +1238,7 @@ def print_report(report: dict[str, Any]) -> None:
         )
     console.print(delta)
     for t, x in r.items():
-        a = x["agent"]["shipped"]
+        a = x["agent"]
         console.print(
             f"[bold]{t}[/]: agent RSS {a['agent_rss_mib_before_deploy_max']:.0f} MiB before the "
             f"order, peak {a['agent_peak_rss_mib_after_v1_max']:.0f} MiB after the v1 pull "
@@ -1371,7 +1250,7 @@ def print_report(report: dict[str, Any]) -> None:
 
     met = report["goal_met"]
     for t, x in r.items():
-        a = x["agent"]["shipped"]
+        a = x["agent"]
         console.print(
             f"{t}: agent transfer / raw paho = {a['transfer_vs_raw']:.2f} "
             f"(goal >= {THROUGHPUT_GOAL:.2f}): {verdict(met[f'throughput_{t}'])}; "
@@ -1386,19 +1265,11 @@ def main() -> None:
         op = {"subscribe": child_subscribe, "storage": child_storage}[spec["op"]]
         sys.stdout.write(json.dumps(op(spec)) + "\n")
         return
-    if len(sys.argv) > 2 and sys.argv[1] == "--agent-experiment":
-        run_patched_agent(sys.argv[2].split(","), sys.argv[3:])
-        return
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size-mb", type=float, default=75, help="weights size (default 75)")
     parser.add_argument("--repeat", type=int, default=3, help="rounds (default 3)")
     parser.add_argument(
         "--transport", choices=(*TRANSPORTS, "both"), default="both", help="listener(s) to use"
-    )
-    parser.add_argument(
-        "--no-experiments",
-        action="store_true",
-        help="measure only the agent as shipped on the production broker",
     )
     parser.add_argument(
         "--max-quiet-wait",
@@ -1419,7 +1290,6 @@ def main() -> None:
         opts.size_mb,
         opts.repeat,
         transports,
-        not opts.no_experiments,
         opts.max_quiet_wait,
         log,
     )
