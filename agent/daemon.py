@@ -455,7 +455,9 @@ class Agent:
 
     def _answer(self, message: Message) -> None:
         try:
-            request = parse_payload(InferRequest, message.payload, what="inference request")
+            request = parse_payload(
+                InferRequest, message.payload, what="inference request", tensors=True
+            )
         except ProtocolError as e:
             logger.warning("ignoring a malformed inference request: %s", e)
             return

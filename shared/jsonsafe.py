@@ -57,14 +57,15 @@ def _refuse_constant(what: str) -> Any:
     return hook
 
 
-def load_json(data: bytes, *, what: str, max_bytes: int, max_depth: int = MAX_DEPTH) -> Any:
+def load_json(data: bytes, *, what: str, max_bytes: int, max_depth: int | None = MAX_DEPTH) -> Any:
     """Parse ``data`` as strict UTF-8 JSON within size and nesting limits.
 
     Args:
         data: the raw bytes.
         what: the document's name, used in every error message.
         max_bytes: refuse anything larger.
-        max_depth: refuse deeper nesting of arrays and objects.
+        max_depth: refuse deeper nesting of arrays and objects. ``None`` relies on the parser's
+            own recursion limit only (for tensors, whose nesting is their rank).
 
     Raises:
         ManifestError: with ``check`` one of ``size``, ``nesting``, ``json``.
@@ -94,6 +95,8 @@ def load_json(data: bytes, *, what: str, max_bytes: int, max_depth: int = MAX_DE
         ) from e
     except ValueError as e:  # e.g. an integer longer than Python's 4300-digit conversion limit
         raise ManifestError(f"{what}: invalid JSON ({e})", check="json") from e
+    if max_depth is None:
+        return value
     depth = nesting_depth(value)
     if depth > max_depth:
         raise ManifestError(

@@ -41,7 +41,7 @@ from typing import Any, Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from shared.errors import ManifestError
-from shared.jsonsafe import load_json
+from shared.jsonsafe import MAX_DEPTH, load_json
 from shared.manifest import describe_validation_error
 
 __all__ = [
@@ -244,14 +244,19 @@ class InferResponse(_Message):
     latency_ms: float | None = None
 
 
-def parse_payload(model: type[_M], data: bytes, *, what: str) -> _M:
+def parse_payload(model: type[_M], data: bytes, *, what: str, tensors: bool = False) -> _M:
     """Parse a JSON control payload into ``model``, bounded in size and depth.
 
     Raises:
         ProtocolError: oversized, invalid JSON, or not the expected shape.
+
+    With ``tensors`` (inference requests), nesting is bounded by the parser's recursion limit
+    and by numpy's maximum rank instead of a walk over every element.
     """
     try:
-        raw = load_json(data, what=what, max_bytes=MAX_JSON_PAYLOAD)
+        raw = load_json(
+            data, what=what, max_bytes=MAX_JSON_PAYLOAD, max_depth=None if tensors else MAX_DEPTH
+        )
         return model.model_validate(raw)
     except ManifestError as e:
         raise ProtocolError(str(e), check="protocol") from e

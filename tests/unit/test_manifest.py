@@ -210,3 +210,11 @@ def test_mutations_of_a_valid_manifest_are_parsed_or_refused_cleanly(data):
         parse_manifest(bytes(doc))
     except ManifestError:
         pass
+
+
+def test_tensor_payloads_skip_the_walk_but_not_the_parsers_limit():
+    moderate = b"[" * 40 + b"]" * 40
+    assert load_json(moderate, what="t", max_bytes=1 << 20, max_depth=None) is not None
+    runaway = b"[" * 100_000 + b"]" * 100_000
+    with pytest.raises(ManifestError, match="nesting depth exceeds"):
+        load_json(runaway, what="t", max_bytes=1 << 20, max_depth=None)
