@@ -287,9 +287,15 @@ def check_installed(data_dir: Path) -> str:
 
 
 def leftovers(data_dir: Path) -> list[str]:
-    """I2 and I3: temporary files and switch journals left in the data directory."""
+    """I2 and I3: temporary files and switch journals left in the data directory.
+
+    The outbox is left out: a running agent writes its reports through temp files all the time
+    (and removes stale ones when it starts), so one may be caught in flight.
+    """
     found = [*data_dir.rglob(".tmp-*"), *data_dir.rglob("journal.json")]
-    return sorted(str(p.relative_to(data_dir)) for p in found)
+    return sorted(
+        str(p.relative_to(data_dir)) for p in found if p.relative_to(data_dir).parts[0] != "outbox"
+    )
 
 
 def wait_until(condition: Callable[[], bool], *, timeout: float, what: str) -> None:

@@ -43,3 +43,12 @@ def test_outbox_keeps_everything_until_sent_and_counts_what_it_drops(tmp_path):
     assert reopened.drain(lambda topic, data: sent.append(data) or True) == 3
     assert sent == [b"r2", b"r3", b"r4"]
     assert len(reopened) == 0
+
+
+def test_outbox_removes_temp_files_left_by_a_crash(tmp_path):
+    directory = tmp_path / "outbox"
+    directory.mkdir()
+    (directory / ".tmp-000000000007.json").write_bytes(b'{"topic": "t", "pay')  # torn write
+    box = Outbox(directory)
+    assert not list(directory.glob(".tmp-*"))
+    assert len(box) == 0
