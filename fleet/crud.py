@@ -174,13 +174,45 @@ def ingest_state(session: Session, state: ReportedState) -> bool:
 
 
 def _touch_senders(session: Session, reports: Sequence[DeploymentEvent | Telemetry]) -> None:
-    """Mark every device that sent one of ``reports`` as seen at its newest report."""
+    """Mark every device that sent one of ``reports`` as online and seen at its newest report.
+
+    One ``INSERT ... ON CONFLICT DO UPDATE`` per batch (a device's ``last_seen`` never moves
+    back), instead of a read and an update per device.
+    """
     newest: dict[str, datetime] = {}
     for report in reports:
         newest[report.device_id] = max(newest.get(report.device_id, report.time), report.time)
-    for device_id, seen in newest.items():
-        _touch(session, device_id, seen)
-    session.flush()
+    if not newest:
+        return
+    session.flush()  # pending ORM changes first: this statement bypasses the session
+    dialect = session.get_bind().dialect.name
+    insert = pg_insert if dialect == "postgresql" else sqlite_insert
+    rows = [
+        {
+            "id": d,
+            "last_seen": t,
+            "online": True,
+            "labels": {},
+            "pinned": {},
+            "last_state_seq": 0,
+            "order_sequence": 0,
+        }
+        for d, t in sorted(newest.items())
+    ]
+    statement = insert(Device).values(rows)
+    later = func.greatest if dialect == "postgresql" else func.max  # SQLite's 2-argument max
+    statement = statement.on_conflict_do_update(
+        index_elements=["id"],
+        set_={
+            "online": True,
+            "last_seen": later(
+                func.coalesce(Device.last_seen, statement.excluded.last_seen),
+                statement.excluded.last_seen,
+            ),
+        },
+    )
+    session.connection().execute(statement)
+    session.expire_all()  # ORM objects loaded earlier must not hide the new values
 
 
 def ingest_events(session: Session, events: Sequence[DeploymentEvent]) -> int:

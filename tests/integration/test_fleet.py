@@ -14,7 +14,7 @@ from pathlib import Path
 import psycopg
 import pytest
 from fastapi.testclient import TestClient
-from sqlmodel import Session, create_engine, text
+from sqlmodel import Session, create_engine, select, text
 
 from fleet.app import create_app
 from fleet.config import FleetSettings
@@ -288,3 +288,33 @@ def test_enroll_issues_credentials_for_valid_ids_only(app_client):
     assert hostile.status_code in (404, 422)  # never a certificate for a CN with '/'
     viewer = token(app_client, "v", "viewer")
     assert app_client.post("/api/v1/devices/dev-043/enroll", headers=viewer).status_code == 403
+
+
+def test_reports_mark_devices_seen_and_never_move_last_seen_back(db_url):
+    from fleet import crud
+    from fleet.db import make_engine, migrate
+    from fleet.models import Device
+    from shared.protocol import Telemetry
+
+    engine = make_engine(db_url)
+    migrate(engine)
+    later, earlier = (
+        datetime(2026, 11, 21, 12, 0, tzinfo=UTC),
+        datetime(2026, 11, 21, 11, 0, tzinfo=UTC),
+    )
+    with Session(engine) as session:
+        crud.ingest_telemetry(
+            session,
+            [
+                Telemetry(device_id="dev-9", seq=2, time=later),
+                Telemetry(device_id="dev-8", seq=1, time=earlier),
+            ],
+        )
+        session.commit()
+        crud.ingest_telemetry(session, [Telemetry(device_id="dev-9", seq=1, time=earlier)])
+        session.commit()
+        seen = {
+            d.id: (d.online, d.last_seen.replace(tzinfo=UTC)) for d in session.exec(select(Device))
+        }
+    engine.dispose()
+    assert seen == {"dev-8": (True, earlier), "dev-9": (True, later)}
