@@ -19,12 +19,12 @@ MIGRATIONS = Path(__file__).parent / "migrations"
 def make_engine(url: str) -> Engine:
     """An engine for ``url``; SQLite gets WAL mode and foreign keys, PostgreSQL a pool."""
     if url.startswith("sqlite"):
-        # The pool must not run dry before FastAPI's thread pool (40 request threads) does.
+        # The pool must not run dry before FastAPI's thread pool (40 request threads) does;
+        # an in-memory database has a single connection and takes no pool sizes.
+        in_memory = url in ("sqlite://", "sqlite:///:memory:")
+        sizes = {} if in_memory else {"pool_size": 20, "max_overflow": 40}
         engine = create_engine(
-            url,
-            connect_args={"check_same_thread": False, "timeout": 30},
-            pool_size=20,
-            max_overflow=40,
+            url, connect_args={"check_same_thread": False, "timeout": 30}, **sizes
         )
 
         @event.listens_for(engine, "connect")
