@@ -37,7 +37,6 @@ import asyncio
 import json
 import math
 import os
-import platform
 import shlex
 import socket
 import statistics
@@ -163,40 +162,24 @@ def load_main(spec: str) -> None:
 # -- parent side ---------------------------------------------------------------------------------
 
 
+def _free_port() -> int:
+    sys.path.insert(0, str(REPO))
+    from bench import common
+
+    return common.free_port()
+
+
 def machine_info() -> dict[str, Any]:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except AttributeError:
-        usable = os.cpu_count()
+    sys.path.insert(0, str(REPO))
     import fastapi
     import sqlalchemy
     import uvicorn
 
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "usable_cores": usable,
-        "python": platform.python_version(),
-        "os": f"{platform.system()} {platform.release()}",
-        "fastapi": fastapi.__version__,
-        "uvicorn": uvicorn.__version__,
-        "sqlalchemy": sqlalchemy.__version__,
-    }
+    from bench import common
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    return common.machine_info(
+        fastapi=fastapi.__version__, uvicorn=uvicorn.__version__, sqlalchemy=sqlalchemy.__version__
+    )
 
 
 def _cpu_seconds(pid: int) -> float:

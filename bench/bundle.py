@@ -35,7 +35,6 @@ import argparse
 import hashlib
 import json
 import os
-import platform
 import shlex
 import statistics
 import subprocess
@@ -218,38 +217,17 @@ def make_model_dir(root: Path, size_bytes: int) -> Path:
 
 
 def machine_info() -> dict[str, Any]:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-            else:
-                cpu = cpu or "unknown"
-    except OSError:
-        pass
-    flags = ""
+    import ssl
+
+    sys.path.insert(0, str(REPO))
+    from bench import common  # imported here: the measured children must not load it
+
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
             flags = next((ln for ln in f if ln.startswith("flags")), "")
     except OSError:
-        pass
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except AttributeError:
-        usable = os.cpu_count()
-    import ssl
-
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "usable_cores": usable,
-        "sha_extensions": " sha_ni" in flags,
-        "python": platform.python_version(),
-        "openssl": ssl.OPENSSL_VERSION,
-        "os": f"{platform.system()} {platform.release()}",
-    }
+        flags = ""
+    return common.machine_info(sha_extensions=" sha_ni" in flags, openssl=ssl.OPENSSL_VERSION)
 
 
 def _mb_s(nbytes: int, seconds: float) -> float:

@@ -48,6 +48,8 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench import common  # noqa: E402 - after the repository is on sys.path
+
 RATE_GOAL = 5000.0
 RATIO_GOAL = 0.50
 BASE_TIME = datetime(2025, 1, 1, tzinfo=UTC)
@@ -151,14 +153,8 @@ def publisher_main(spec: str) -> None:
 # -- parent side ---------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def start_broker(tmp: Path) -> tuple[subprocess.Popen[bytes], int]:
-    port = free_port()
+    port = common.free_port()
     conf = tmp / "mosquitto.conf"
     conf.write_text(
         f"listener {port} 127.0.0.1\nallow_anonymous true\nmax_queued_messages 1000000\n"

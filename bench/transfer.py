@@ -81,6 +81,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from bench import common  # noqa: E402 - after the repository is on sys.path
+
 MIB = 1 << 20
 MB = 1_000_000
 CHUNK_SIZE = 256 * 1024  # shared.bundle.DEFAULT_CHUNK_SIZE, the production chunk size
@@ -130,12 +132,6 @@ def find_mosquitto() -> str:
     return found
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def proc_status_kib(pid: int | str, field: str) -> int | None:
     try:
         with open(f"/proc/{pid}/status", encoding="ascii") as f:
@@ -181,7 +177,7 @@ class Broker:
         self.pki = make_pki(root / "pki")
         issue_client(self.pki, APP_WIRE)
         (root / "db").mkdir()
-        self.ports = {"tls": free_port(), "plain": free_port()}
+        self.ports = {"tls": common.free_port(), "plain": common.free_port()}
         self.cfg = BrokerConfig(
             cafile=self.pki.ca_cert,
             certfile=self.pki.server_cert,
