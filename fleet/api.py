@@ -16,7 +16,15 @@ from pydantic import BaseModel
 from sqlmodel import Session, col, select
 
 from fleet import crud
-from fleet.models import ApiToken, AuditEntry, Device, DeviceEvent, DeviceModel, Release
+from fleet.models import (
+    ApiToken,
+    AuditEntry,
+    Device,
+    DeviceEvent,
+    DeviceModel,
+    Release,
+    RolloutRecord,
+)
 from fleet.releases import ReleaseConflictError, publish_release
 from shared.errors import EdgefleetError
 
@@ -300,15 +308,11 @@ def create_rollout(
 
 @router.get("/rollouts")
 def list_rollouts(request: Request, session: SessionDep, _: Viewer) -> list[dict[str, Any]]:
-    from fleet.models import RolloutRecord
-
     records = session.exec(select(RolloutRecord).order_by(col(RolloutRecord.created_at).desc()))
     return [_service(request).status(session, r) for r in records]
 
 
 def _rollout(session: Session, rollout_id: str) -> Any:
-    from fleet.models import RolloutRecord
-
     record = session.get(RolloutRecord, rollout_id)
     if record is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"no rollout {rollout_id!r}")

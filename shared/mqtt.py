@@ -24,7 +24,6 @@ import random
 import socket
 import ssl
 import threading
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -264,24 +263,3 @@ class MqttLink:
         self._client.disconnect()
         self._client.loop_stop()
         self.connected.clear()
-
-
-def response_properties(correlation_data: bytes | None) -> Properties:
-    """MQTT 5 properties for a reply that carries the requester's correlation data."""
-    props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
-    if correlation_data is not None:
-        props.CorrelationData = correlation_data
-    return props
-
-
-def wait_for(events: queue.Queue[Event], kind: type, timeout_s: float) -> Event | None:
-    """Take events until one of ``kind`` arrives or ``timeout_s`` passes (tests, tools)."""
-    deadline = time.monotonic() + timeout_s
-    while (left := deadline - time.monotonic()) > 0:
-        try:
-            event = events.get(timeout=left)
-        except queue.Empty:
-            return None
-        if isinstance(event, kind):
-            return event
-    return None

@@ -32,7 +32,7 @@ from shared.protocol import (
     parse_device_topic,
     parse_payload,
 )
-from shared.trust import ReleaseInfo, sign_deployment, target_path
+from shared.trust import ReleaseInfo, sign_deployment
 
 
 class FleetHarness:
@@ -218,7 +218,3 @@ class FleetHarness:
     def close(self) -> None:
         self._stop.set()
         self._thread.join(2)
-
-
-def target_of(info: ReleaseInfo) -> str:
-    return target_path(info.name, info.version)
