@@ -65,8 +65,10 @@ from shared.errors import EdgefleetError, TrustError
 from shared.manifest import Manifest, parse_manifest
 from shared.protocol import ChunkRef, FetchRequest
 from shared.trust import (
+    Deployment,
     DeviceIdentity,
     ReleaseInfo,
+    check_deployment_target,
     check_release,
     verify_deployment,
 )
@@ -264,7 +266,7 @@ class Deployer:
             raise DeploymentError("verification", str(e)) from e
         release = self.trust.release(order.target)
         try:
-            return self._deploy_release(order_text, root, release)
+            return self._deploy_release(order, release)
         except DeploymentError as e:
             e.model, e.version = release.name, release.version
             raise
@@ -279,17 +281,10 @@ class Deployer:
             ) from e
 
     def _deploy_release(
-        self, order_text: str, root: Root, release: ReleaseInfo
+        self, order: Deployment, release: ReleaseInfo
     ) -> tuple[Manifest, ReleaseInfo, Decision]:
         try:
-            order = verify_deployment(
-                order_text.encode(),
-                root,
-                device_id=self.settings.device_id,
-                last_sequence=self.store.state.order_sequence,
-                now=datetime.now(UTC),
-                release=release,
-            )
+            check_deployment_target(order, release)
             check_release(
                 release,
                 now=datetime.now(UTC),

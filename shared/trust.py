@@ -55,6 +55,7 @@ __all__ = [
     "Deployment",
     "DeviceIdentity",
     "ReleaseInfo",
+    "check_deployment_target",
     "check_release",
     "sign_deployment",
     "sign_release",
@@ -508,7 +509,18 @@ def verify_deployment(
         length=target.length,
         sha256=target.hashes.get("sha256", ""),
     )
-    if release is not None and (
+    if release is not None:
+        check_deployment_target(deployment, release)
+    return deployment
+
+
+def check_deployment_target(deployment: Deployment, release: ReleaseInfo) -> None:
+    """Uptane full verification: the order must name exactly the target the release key signed.
+
+    Raises:
+        SignatureError: the path, length or hash differ (check ``director-mismatch``).
+    """
+    if (
         deployment.target != release.path
         or deployment.length != release.manifest_length
         or deployment.sha256 != release.manifest_sha256
@@ -519,4 +531,3 @@ def verify_deployment(
             f"{release.manifest_sha256[:12]}...)",
             check="director-mismatch",
         )
-    return deployment
