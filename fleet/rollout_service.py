@@ -21,11 +21,11 @@ from __future__ import annotations
 import logging
 import secrets
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, col, select
@@ -35,6 +35,7 @@ from fleet.models import Device, DeviceEvent, DeviceModel, Release, RolloutRecor
 from fleet.rollout_codec import decode_plan, decode_rollout, encode_plan, encode_rollout
 from fleet.rollouts import (
     Abort,
+    Action,
     DeviceMetrics,
     DeviceView,
     Dispatch,
@@ -61,7 +62,16 @@ from shared.keystore import KeyStore
 from shared.protocol import Command
 from shared.trust import ReleaseInfo, sign_deployment, verify_release
 
-__all__ = ["ACTIVE", "RolloutService", "parse_target"]
+__all__ = [
+    "ACTIVE",
+    "DeploymentReport",
+    "RolloutService",
+    "device_view",
+    "engine_event",
+    "order_version",
+    "parse_target",
+    "telemetry_metrics",
+]
 
 logger = logging.getLogger(__name__)
 ACTIVE = ("pending", "running", "paused", "halted")
@@ -91,6 +101,94 @@ def _epoch(moment: datetime | None) -> float | None:
     if moment is None:
         return None
     return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp()
+
+
+# -- pure mappings: what devices report -> the engine's inputs; its actions -> orders ----------
+# The service feeds them from the database; simulators.scale feeds them from simulated devices.
+
+
+def device_view(
+    *,
+    device_id: str,
+    model: str,
+    hardware_class: str | None,
+    online: bool,
+    group: str | None,
+    pinned: Mapping[str, Any] | None,
+    version: str | None,
+    runtime: str | None,
+    reported_at: datetime | None,
+) -> DeviceView:
+    """The engine's view of one device: its registry fields and its reported state of ``model``.
+
+    ``version``, ``runtime`` and ``reported_at`` come from the device's latest state report for
+    the model (all None when it never reported one); ``runtime`` is the agent's runtime key
+    (``onnxruntime/CPUExecutionProvider``), of which the engine uses the family.
+    """
+    return DeviceView(
+        device_id=device_id,
+        hardware_class=hardware_class,
+        runtime=(runtime or "").split("/")[0] or None,
+        online=online,
+        running_version=version,
+        pinned_version=(pinned or {}).get(model),
+        group=group,
+        reported_at=_epoch(reported_at),
+    )
+
+
+class DeploymentReport(Protocol):
+    """A deployment report as stored (``fleet.models.DeviceEvent``) or sent by a device."""
+
+    @property
+    def device_id(self) -> str: ...
+    @property
+    def model(self) -> str: ...
+    @property
+    def version(self) -> str: ...
+    @property
+    def phase(self) -> str: ...
+    @property
+    def failure_class(self) -> str | None: ...
+    @property
+    def detail(self) -> str | None: ...
+
+
+def engine_event(report: DeploymentReport) -> EngineEvent:
+    """A deployment report reduced to what the engine uses."""
+    return EngineEvent(
+        device_id=report.device_id,
+        version=report.version,
+        phase=report.phase,
+        failure_class=report.failure_class,
+        detail=report.detail,
+        model=report.model,
+    )
+
+
+def telemetry_metrics(entry: object) -> DeviceMetrics | None:
+    """One model's entry of a telemetry report (``Telemetry.models[model]``), or None if absent.
+
+    >>> telemetry_metrics({"requests": 90, "errors": 1, "latency_ms": {"p95": 12.5}})
+    DeviceMetrics(requests=90, errors=1, p95_ms=12.5)
+    """
+    if not isinstance(entry, dict):
+        return None
+    p95 = (entry.get("latency_ms") or {}).get("p95")
+    return DeviceMetrics(
+        requests=int(entry.get("requests", 0)),
+        errors=int(entry.get("errors", 0)),
+        p95_ms=float(p95) if p95 is not None else None,
+    )
+
+
+def order_version(action: Action) -> str | None:
+    """The version a ``Dispatch`` or ``Revert`` orders its device to run; None for the rest."""
+    if isinstance(action, Dispatch):
+        return action.version
+    if isinstance(action, Revert):
+        return action.to_version
+    return None
 
 
 @dataclass
@@ -228,17 +326,17 @@ class RolloutService:
         views = []
         for d in devices:
             row = models.get(d.id)
-            runtime = (row.runtime or "").split("/")[0] or None if row else None
             views.append(
-                DeviceView(
+                device_view(
                     device_id=d.id,
+                    model=record.model,
                     hardware_class=d.hardware_class,
-                    runtime=runtime,
                     online=d.online,
-                    running_version=row.version if row else None,
-                    pinned_version=(d.pinned or {}).get(record.model),
                     group=d.group,
-                    reported_at=_epoch(row.updated_at) if row else None,
+                    pinned=d.pinned,
+                    version=row.version if row else None,
+                    runtime=row.runtime if row else None,
+                    reported_at=row.updated_at if row else None,
                 )
             )
         return views
@@ -253,17 +351,7 @@ class RolloutService:
                 .order_by(col(DeviceEvent.id))
             )
         )
-        events = [
-            EngineEvent(
-                device_id=r.device_id,
-                version=r.version,
-                phase=r.phase,
-                failure_class=r.failure_class,
-                detail=r.detail,
-                model=r.model,
-            )
-            for r in rows
-        ]
+        events = [engine_event(r) for r in rows]
         last = max((r.id or 0 for r in rows), default=record.last_event_id)
         return events, last
 
@@ -280,15 +368,9 @@ class RolloutService:
             latest[sample.device_id] = sample
         metrics = {}
         for device_id, sample in latest.items():
-            data = sample.models.get(record.model)
-            if not isinstance(data, dict):
-                continue
-            p95 = (data.get("latency_ms") or {}).get("p95")
-            metrics[(device_id, running[device_id])] = DeviceMetrics(
-                requests=int(data.get("requests", 0)),
-                errors=int(data.get("errors", 0)),
-                p95_ms=float(p95) if p95 is not None else None,
-            )
+            entry = telemetry_metrics(sample.models.get(record.model))
+            if entry is not None:
+                metrics[(device_id, running[device_id])] = entry
         return metrics
 
     # -- stepping ------------------------------------------------------------------------------
@@ -343,10 +425,9 @@ class RolloutService:
         self, session: Session, record: RolloutRecord, plan: Plan, actions: tuple[Any, ...]
     ) -> None:
         for action in actions:
-            if isinstance(action, Dispatch):
-                self._order(session, action.device_id, plan.model, action.version)
-            elif isinstance(action, Revert) and action.to_version is not None:
-                self._order(session, action.device_id, plan.model, action.to_version)
+            version = order_version(action)
+            if version is not None:
+                self._order(session, action.device_id, plan.model, version)
             elif isinstance(action, GateDecision):
                 crud.append_audit(
                     session,
