@@ -22,6 +22,7 @@ from sqlmodel import Session, select
 from fleet import crud
 from fleet.api import router
 from fleet.config import FleetSettings
+from fleet.console import install as install_console
 from fleet.db import make_engine, migrate
 from fleet.distribution import BundleRepository
 from fleet.models import ApiToken, Release
@@ -118,6 +119,7 @@ def create_app(settings: FleetSettings) -> FastAPI:
     rollouts = RolloutService(engine, keys, trust_root)
     app.state.rollouts = rollouts
     app.include_router(router)
+    install_console(app)  # the web console at /, its API under /api/v1/console
 
     @app.get("/healthz")
     def healthz() -> dict[str, str]:

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Make sure the system services the tests talk to are present and running:
-# mosquitto (the broker binary; tests start their own instances) and PostgreSQL on 127.0.0.1:5432.
+# mosquitto (the broker binary; tests start their own instances), PostgreSQL on 127.0.0.1:5432 and
+# Chromium (the web console tests drive it headless through Playwright).
 # Installs them with apt-get when run as root on Debian/Ubuntu; otherwise says what to do.
 # With --broker-only, only mosquitto is needed (the local demo runs the fleet on SQLite).
 set -euo pipefail
@@ -11,6 +12,7 @@ broker_only=false
 need_apt=()
 command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || need_apt+=(mosquitto)
 $broker_only || command -v pg_ctlcluster >/dev/null 2>&1 || need_apt+=(postgresql)
+$broker_only || [ -x /usr/bin/chromium ] || need_apt+=(chromium chromium-driver)
 
 if [ ${#need_apt[@]} -gt 0 ]; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then

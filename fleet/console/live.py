@@ -1,0 +1,146 @@
+"""Live updates for the console: stream tickets and one shared poller per process.
+
+A page watches one *topic* (``overview``, ``rollouts``, ``rollout/<id>``, ``device/<id>``,
+``audit``) over server-sent events. :class:`LiveHub` polls every watched topic every
+``interval_s`` (0.25 s) in a single asyncio task, computing each topic's snapshot once in a
+worker thread however many browsers watch it, and pushes a snapshot to the topic's watchers only
+when it differs from the last one sent. A watcher that falls behind skips to the newest snapshot.
+The poller runs only while somebody watches.
+
+So an update reaches the browser within ``interval_s`` plus the snapshot's own query time of a
+change in the database, whichever process (API, scheduler, MQTT ingest, another replica) made it.
+
+``EventSource`` cannot send an ``Authorization`` header, so a stream is opened with a **ticket**
+(docs/adr/0006-console-live-updates-with-stream-tickets.md): ``POST /api/v1/console/ticket``
+with the bearer token returns ``<token id>.<expiry>.<mac>``, valid for :data:`TICKET_TTL_S`,
+where the MAC is an HMAC-SHA256 keyed with the token's stored digest. Any replica can check it
+without shared state, and a revoked token's tickets stop working at once.
+
+>>> ticket = issue_ticket(token, now=1000.0)                           # doctest: +SKIP
+>>> check_ticket(session, ticket, now=1030.0).name                     # doctest: +SKIP
+'admin'
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import logging
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
+from sqlmodel import Session
+
+from fleet.models import ApiToken
+
+__all__ = ["TICKET_TTL_S", "LiveHub", "Snapshot", "check_ticket", "issue_ticket"]
+
+logger = logging.getLogger(__name__)
+TICKET_TTL_S = 60
+_TICKET_CONTEXT = b"edgefleet console stream ticket\0"
+
+Snapshot = tuple[str, str]  # (SSE event name, JSON text)
+
+
+# -- tickets ---------------------------------------------------------------------------------
+
+
+def _mac(token: ApiToken, expires: int) -> str:
+    message = _TICKET_CONTEXT + f"{token.id}.{expires}".encode()
+    return hmac.new(token.secret_sha256.encode(), message, hashlib.sha256).hexdigest()
+
+
+def issue_ticket(token: ApiToken, *, now: float) -> str:
+    """A ticket that opens live streams as ``token`` for :data:`TICKET_TTL_S` seconds."""
+    expires = int(now) + TICKET_TTL_S
+    return f"{token.id}.{expires}.{_mac(token, expires)}"
+
+
+def check_ticket(session: Session, ticket: str, *, now: float) -> ApiToken | None:
+    """The live token ``ticket`` was issued for, or None (malformed, expired, revoked, forged)."""
+    parts = ticket.split(".")
+    if len(parts) != 3 or not parts[0].isdigit() or not parts[1].isdigit():
+        return None
+    token_id, expires = int(parts[0]), int(parts[1])
+    if not now <= expires <= now + TICKET_TTL_S:
+        return None
+    token = session.get(ApiToken, token_id)
+    if token is None or token.revoked:
+        return None
+    return token if hmac.compare_digest(parts[2], _mac(token, expires)) else None
+
+
+# -- the hub ---------------------------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class _Watcher:
+    """One open stream: the newest snapshot not yet sent, and an event that says it is there."""
+
+    ready: asyncio.Event = field(default_factory=asyncio.Event)
+    snapshot: Snapshot | None = None
+
+    def push(self, snapshot: Snapshot) -> None:
+        self.snapshot = snapshot
+        self.ready.set()
+
+    async def next(self) -> Snapshot:
+        await self.ready.wait()
+        self.ready.clear()
+        assert self.snapshot is not None
+        return self.snapshot
+
+
+class LiveHub:
+    """Polls the watched topics and fans their changed snapshots out to the watchers.
+
+    ``compute(topics)`` runs in a worker thread and returns a snapshot per topic; it must not
+    raise for one bad topic (return an ``("problem", ...)`` snapshot for it instead).
+    """
+
+    def __init__(
+        self, compute: Callable[[list[str]], dict[str, Snapshot]], *, interval_s: float = 0.25
+    ) -> None:
+        self._compute = compute
+        self.interval_s = interval_s
+        self._watchers: dict[str, set[_Watcher]] = {}
+        self._last: dict[str, Snapshot] = {}
+        self._task: asyncio.Task[None] | None = None
+
+    @asynccontextmanager
+    async def watch(self, topic: str) -> AsyncIterator[_Watcher]:
+        """Watch ``topic`` for the duration of the block; the newest known snapshot comes
+        first."""
+        watcher = _Watcher()
+        self._watchers.setdefault(topic, set()).add(watcher)
+        if topic in self._last:
+            watcher.push(self._last[topic])
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._poll(), name="console-live")
+        try:
+            yield watcher
+        finally:
+            watchers = self._watchers.get(topic, set())
+            watchers.discard(watcher)
+            if not watchers:
+                self._watchers.pop(topic, None)
+                self._last.pop(topic, None)
+
+    async def _poll(self) -> None:
+        loop = asyncio.get_running_loop()
+        while self._watchers:
+            started = loop.time()
+            topics = list(self._watchers)
+            try:
+                snapshots = await asyncio.to_thread(self._compute, topics)
+            except Exception:  # a database hiccup must not end the poller; the next round retries
+                logger.exception("console live update failed for %s", topics)
+                snapshots = {}
+            for topic, snapshot in snapshots.items():
+                if topic in self._watchers and snapshot != self._last.get(topic):
+                    self._last[topic] = snapshot
+                    for watcher in self._watchers[topic]:
+                        watcher.push(snapshot)
+            await asyncio.sleep(max(0.0, self.interval_s - (loop.time() - started)))
