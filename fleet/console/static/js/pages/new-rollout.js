@@ -156,12 +156,12 @@ export async function render(ctx) {
 
   function later() {
     clearTimeout(timer);
+    if (previewed && previewed.key === JSON.stringify(planFrom(form))) return; // nothing changed
     start.disabled = true;
     timer = setTimeout(refresh, DEBOUNCE_MS);
   }
 
   form.addEventListener("input", later);
-  form.addEventListener("change", later);
   ctx.onCleanup(() => clearTimeout(timer));
   form.addEventListener("submit", async (e) => {
     e.preventDefault();

@@ -65,10 +65,13 @@ function stages(r) {
   );
 }
 
-function figures(f) {
+// Figures nest (install -> by_hardware_class -> rpi5 -> rate): nested lists two levels deep,
+// JSON text below that.
+function figures(f, depth = 0) {
   const entries = Object.entries(f);
   if (!entries.length) return null;
-  return h("dl", { class: "figures" }, entries.map(([k, v]) => [h("dt", {}, k.replaceAll("_", " ")), h("dd", {}, fmtFigure(v))]));
+  const value = (v) => (v && typeof v === "object" && !Array.isArray(v) && depth < 2 ? figures(v, depth + 1) || "—" : fmtFigure(v));
+  return h("dl", { class: "figures" }, entries.map(([k, v]) => [h("dt", {}, k.replaceAll("_", " ")), h("dd", {}, value(v))]));
 }
 
 function decisions(r) {
