@@ -281,8 +281,9 @@ def _ms(values: list[float]) -> dict[str, float]:
 
 
 def machine() -> dict[str, Any]:
-    import fastapi
     import importlib.metadata
+
+    import fastapi
     import sqlalchemy
 
     from bench import common
