@@ -21,6 +21,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import and_, case, exists, func, or_
+from sqlalchemy import select as core_select
 from sqlalchemy.sql.elements import ColumnElement
 from sqlmodel import Session, col, select
 
@@ -219,7 +220,9 @@ def devices(
     total = _rows(session, select(func.count()).select_from(Device).where(*filters))[0][0]
     page = _rows(
         session,
-        select(DEVICES.id, DEVICES.online, DEVICES.hardware_class, DEVICES.group, DEVICES.last_seen)
+        core_select(
+            DEVICES.id, DEVICES.online, DEVICES.hardware_class, DEVICES.group, DEVICES.last_seen
+        )
         .where(*filters)
         .order_by(DEVICES.id)
         .limit(limit)
@@ -229,7 +232,9 @@ def devices(
     if page:
         for row in _rows(
             session,
-            select(MODELS.device_id, MODELS.model, MODELS.version, MODELS.runtime, MODELS.state)
+            core_select(
+                MODELS.device_id, MODELS.model, MODELS.version, MODELS.runtime, MODELS.state
+            )
             .where(MODELS.device_id.in_([d.id for d in page]))
             .order_by(MODELS.model),
         ):
@@ -351,7 +356,7 @@ def telemetry(session: Session, device_id: str) -> dict[str, Any]:
                 errors[name].append(None)
                 continue
             restarted = previous is None or total < previous
-            errors[name].append(float(0 if restarted else total - previous))
+            errors[name].append(0.0 if previous is None or restarted else float(total - previous))
             previous = total
     return {
         "times": times,
@@ -401,7 +406,7 @@ def audit(
         filters.append(AUDIT.id < before)
     rows = _rows(
         session,
-        select(AUDIT.id, AUDIT.time, AUDIT.actor, AUDIT.action, AUDIT.target, AUDIT.details)
+        core_select(AUDIT.id, AUDIT.time, AUDIT.actor, AUDIT.action, AUDIT.target, AUDIT.details)
         .where(*filters)
         .order_by(AUDIT.id.desc())
         .limit(limit),
