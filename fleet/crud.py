@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import func, text
+from sqlalchemy import Table, func, text
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlmodel import Session, col, select
@@ -35,6 +35,8 @@ __all__ = [
     "append_audit",
     "authenticate",
     "create_token",
+    "device_models",
+    "device_page",
     "ingest_events",
     "ingest_state",
     "ingest_telemetry",
@@ -43,6 +45,8 @@ __all__ = [
 
 ROLES = ("viewer", "operator", "admin")
 GENESIS = "0" * 64
+_DEVICE: Table = Device.__table__  # type: ignore[attr-defined]
+_DEVICE_MODEL: Table = DeviceModel.__table__  # type: ignore[attr-defined]
 
 
 def now_utc() -> datetime:
@@ -127,15 +131,21 @@ def verify_audit_chain(session: Session) -> int | None:
 # -- device reports ------------------------------------------------------------------------------
 
 
-def _insert_ignore(session: Session, model: Any, rows: Sequence[dict[str, Any]]) -> int:
-    """INSERT ... ON CONFLICT DO NOTHING, in one statement; returns rows inserted."""
-    if not rows:
-        return 0
-    dialect = session.get_bind().dialect.name
-    insert = pg_insert if dialect == "postgresql" else sqlite_insert
-    statement = insert(model).values(list(rows)).on_conflict_do_nothing()
-    result = session.connection().execute(statement)
-    return int(result.rowcount or 0)
+def _insert(session: Session) -> Any:
+    """The ``insert`` of the session's dialect (both have ``ON CONFLICT``)."""
+    return pg_insert if session.get_bind().dialect.name == "postgresql" else sqlite_insert
+
+
+def _insert_ignore(session: Session, model: Any, rows: Sequence[dict[str, Any]]) -> None:
+    """``INSERT ... ON CONFLICT DO NOTHING`` of every row, as one executemany.
+
+    One small statement, compiled once and sent with a list of parameter sets: psycopg 3
+    pipelines them (one round trip for the batch) and sqlite3 loops in C. A single multi-row
+    ``VALUES`` statement of the same rows cost about 0.15 ms a row just to compile and bind.
+    """
+    if rows:
+        statement = _insert(session)(model).on_conflict_do_nothing()
+        session.connection().execute(statement, list(rows))
 
 
 def _touch(session: Session, device_id: str, seen: datetime) -> Device:
@@ -173,11 +183,22 @@ def ingest_state(session: Session, state: ReportedState) -> bool:
     return True
 
 
+# PostgreSQL gets the whole batch as two array parameters: one statement, one round trip, and
+# next to no work in Python (an executemany of single-row upserts costs ~30 µs per device).
+_TOUCH_POSTGRESQL = text(
+    "INSERT INTO device (id, last_seen, online, labels, pinned, last_state_seq, order_sequence)"
+    " SELECT id, seen, true, '{}', '{}', 0, 0"
+    " FROM unnest(CAST(:ids AS varchar[]), CAST(:seen AS timestamptz[])) AS sender(id, seen)"
+    " ON CONFLICT (id) DO UPDATE SET online = true, last_seen ="
+    " GREATEST(COALESCE(device.last_seen, EXCLUDED.last_seen), EXCLUDED.last_seen)"
+)
+
+
 def _touch_senders(session: Session, reports: Sequence[DeploymentEvent | Telemetry]) -> None:
     """Mark every device that sent one of ``reports`` as online and seen at its newest report.
 
-    One ``INSERT ... ON CONFLICT DO UPDATE`` per batch (a device's ``last_seen`` never moves
-    back), instead of a read and an update per device.
+    One upsert for the batch (a device's ``last_seen`` never moves back), in device id order so
+    that two replicas touching the same devices cannot deadlock.
     """
     newest: dict[str, datetime] = {}
     for report in reports:
@@ -185,39 +206,39 @@ def _touch_senders(session: Session, reports: Sequence[DeploymentEvent | Telemet
     if not newest:
         return
     session.flush()  # pending ORM changes first: this statement bypasses the session
-    dialect = session.get_bind().dialect.name
-    insert = pg_insert if dialect == "postgresql" else sqlite_insert
-    rows = [
-        {
-            "id": d,
-            "last_seen": t,
+    ids = sorted(newest)
+    if session.get_bind().dialect.name == "postgresql":
+        session.connection().execute(
+            _TOUCH_POSTGRESQL, {"ids": ids, "seen": [newest[d] for d in ids]}
+        )
+    else:
+        statement = sqlite_insert(Device)
+        statement = statement.on_conflict_do_update(
+            index_elements=["id"],
+            set_={
+                "online": True,
+                "last_seen": func.max(  # SQLite's max() of two values
+                    func.coalesce(Device.last_seen, statement.excluded.last_seen),
+                    statement.excluded.last_seen,
+                ),
+            },
+        )
+        new_device = {
             "online": True,
             "labels": {},
             "pinned": {},
             "last_state_seq": 0,
             "order_sequence": 0,
         }
-        for d, t in sorted(newest.items())
-    ]
-    statement = insert(Device).values(rows)
-    later = func.greatest if dialect == "postgresql" else func.max  # SQLite's 2-argument max
-    statement = statement.on_conflict_do_update(
-        index_elements=["id"],
-        set_={
-            "online": True,
-            "last_seen": later(
-                func.coalesce(Device.last_seen, statement.excluded.last_seen),
-                statement.excluded.last_seen,
-            ),
-        },
-    )
-    session.connection().execute(statement)
+        rows = [{"id": d, "last_seen": newest[d], **new_device} for d in ids]
+        session.connection().execute(statement, rows)
     session.expire_all()  # ORM objects loaded earlier must not hide the new values
 
 
-def ingest_events(session: Session, events: Sequence[DeploymentEvent]) -> int:
+def ingest_events(session: Session, events: Sequence[DeploymentEvent]) -> None:
+    """Store deployment events (a ``(device_id, seq)`` already stored is skipped)."""
     _touch_senders(session, events)
-    return _insert_ignore(
+    _insert_ignore(
         session,
         DeviceEvent,
         [
@@ -237,9 +258,10 @@ def ingest_events(session: Session, events: Sequence[DeploymentEvent]) -> int:
     )
 
 
-def ingest_telemetry(session: Session, samples: Sequence[Telemetry]) -> int:
+def ingest_telemetry(session: Session, samples: Sequence[Telemetry]) -> None:
+    """Store telemetry reports (a ``(device_id, seq)`` already stored is skipped)."""
     _touch_senders(session, samples)
-    return _insert_ignore(
+    _insert_ignore(
         session,
         TelemetrySample,
         [
@@ -264,12 +286,49 @@ def set_presence(session: Session, device_id: str, *, online: bool) -> None:
 # -- queries -------------------------------------------------------------------------------------
 
 
+def device_page(
+    session: Session,
+    *,
+    limit: int,
+    after: str | None = None,
+    offset: int = 0,
+    online: bool | None = None,
+    hardware_class: str | None = None,
+    search: str | None = None,
+) -> list[dict[str, Any]]:
+    """One page of the device list, ordered by id, in two queries.
+
+    Each device is a dict of the listed columns (``id``, ``online``, ``hardware_class``,
+    ``group``, ``last_seen``) and ``models``, model name to the version it reports running.
+    ``after`` is a device id: the page starts after it (keyset pagination, as cheap on the
+    last page as on the first). Only these columns are read, as plain rows: no ORM objects.
+    """
+    device = _DEVICE.c
+    query = select(device.id, device.online, device.hardware_class, device.group, device.last_seen)
+    if after is not None:
+        query = query.where(device.id > after)
+    if online is not None:
+        query = query.where(device.online == online)
+    if hardware_class:
+        query = query.where(device.hardware_class == hardware_class)
+    if search:
+        query = query.where(device.id.contains(search, autoescape=True))
+    query = query.order_by(device.id).offset(offset).limit(limit)
+    devices = [row._asdict() for row in session.connection().execute(query)]
+    models = device_models(session, [d["id"] for d in devices])
+    for d in devices:
+        d["models"] = models[d["id"]]
+    return devices
+
+
 def device_models(session: Session, device_ids: Sequence[str]) -> dict[str, dict[str, Any]]:
-    """``{device_id: {model: version}}`` for the given devices."""
+    """``{device_id: {model: version}}`` for the given devices, in one query."""
     result: dict[str, dict[str, Any]] = {d: {} for d in device_ids}
-    rows = session.exec(select(DeviceModel).where(col(DeviceModel.device_id).in_(device_ids)))
-    for row in rows:
-        result[row.device_id][row.model] = row.version
+    if device_ids:
+        row = _DEVICE_MODEL.c
+        query = select(row.device_id, row.model, row.version).where(row.device_id.in_(device_ids))
+        for device_id, model, version in session.connection().execute(query):
+            result[device_id][model] = version
     return result
 
 

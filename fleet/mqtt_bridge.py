@@ -5,9 +5,20 @@ subscription** (``$share/edgefleet-fleet/...``), so the broker hands each messag
 only; with MQTT 3.1.1 (no shared subscriptions) every replica receives everything and the
 database's unique ``(device_id, seq)`` constraints make the duplicate ingest a no-op.
 
-Reports are written in batches (``ingest_batch`` messages or ``ingest_flush_s`` seconds, whichever
-comes first) in one transaction each, so one slow database round trip serves hundreds of
-messages. Malformed messages are counted and dropped; they never reach the database.
+Ingest is a pipeline of two threads, so that parsing the next batch overlaps storing this one:
+
+- ``fleet-ingest`` takes messages off the link's queue, parses and checks them, and groups them
+  into batches of ``ingest_batch`` messages, or fewer once ``ingest_flush_s`` has passed since
+  the batch's first message. Malformed messages are counted, logged and dropped there; they
+  never reach the database.
+- ``fleet-store`` writes each batch in one transaction, with a few set-based statements (see
+  :mod:`fleet.crud`). If the database refuses a batch because of one of its messages (a string
+  longer than its column, say), the batch is stored again one message at a time, so that only
+  the bad message is dropped, with the database's reason in the log.
+
+Delivery: paho acknowledges a QoS 1 message to the broker when it has read it, before it is
+stored. Messages read but not yet stored (the link's queue and at most three batches) are lost if
+the process dies; :meth:`MqttBridge.stop` disconnects first and then stores everything read.
 """
 
 from __future__ import annotations
@@ -22,6 +33,7 @@ from typing import Any
 from prometheus_client import Counter, Histogram
 from pydantic import BaseModel
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import OperationalError
 from sqlmodel import Session
 
 from fleet import crud
@@ -47,6 +59,10 @@ __all__ = ["MqttBridge"]
 
 logger = logging.getLogger(__name__)
 SHARE_GROUP = "edgefleet-fleet"
+MAX_SEQ = 2**31 - 1  # the database's integer columns
+PENDING_BATCHES = 2  # parsed batches waiting for the store thread; then parsing waits too
+
+Report = tuple[str, Any]  # ("up/state" | "up/events" | "up/telemetry" | "presence:<id>", body)
 
 MESSAGES = Counter("edgefleet_mqtt_messages_total", "Device messages received", ["kind"])
 REJECTED = Counter("edgefleet_mqtt_rejected_total", "Device messages refused", ["reason"])
@@ -62,7 +78,7 @@ _KINDS: dict[str, type[BaseModel]] = {
 
 
 class MqttBridge:
-    """One replica's MQTT link, ingest worker and fetch server."""
+    """One replica's MQTT link, ingest pipeline and fetch server."""
 
     def __init__(self, settings: FleetSettings, engine: Engine, repo: BundleRepository) -> None:
         self.settings = settings
@@ -85,8 +101,10 @@ class MqttBridge:
         )
         self._stop = threading.Event()
         self._fetches: queue.Queue[tuple[str, FetchRequest]] = queue.Queue()
+        self._batches: queue.Queue[list[Report] | None] = queue.Queue(maxsize=PENDING_BATCHES)
         self._threads = [
-            threading.Thread(target=self._ingest, name="fleet-ingest", daemon=True),
+            threading.Thread(target=self._collect, name="fleet-ingest", daemon=True),
+            threading.Thread(target=self._write, name="fleet-store", daemon=True),
             threading.Thread(target=self._serve_fetches, name="fleet-fetch", daemon=True),
         ]
 
@@ -96,38 +114,46 @@ class MqttBridge:
             thread.start()
 
     def stop(self) -> None:
+        """Disconnect, then store every report already read (within 30 s) and stop."""
+        self.link.stop()
         self._stop.set()
         for thread in self._threads:
-            thread.join(5)
-        self.link.stop()
+            thread.join(30)
+            if thread.is_alive():
+                logger.warning("%s did not finish within 30 s of stopping", thread.name)
 
     def send_command(self, device_id: str, payload: bytes) -> bool:
         return self.link.publish(device_topic(device_id, DOWN_CMD), payload)
 
     # -- ingest --------------------------------------------------------------------------------
 
-    def _ingest(self) -> None:
-        batch: list[tuple[str, Any]] = []
-        deadline = time.monotonic() + self.settings.ingest_flush_s
-        while not self._stop.is_set() or batch:
-            timeout = max(0.0, deadline - time.monotonic())
+    def _collect(self) -> None:
+        """Parse messages into batches and hand each one to the store thread."""
+        batch: list[Report] = []
+        flush_at = 0.0  # when the batch being filled is due, whatever its size
+        while True:
+            stopping = self._stop.is_set()
             try:
-                event = self.link.events.get(timeout=timeout)
+                if stopping:  # the link is down: take what it had read, without waiting
+                    event = self.link.events.get_nowait()
+                else:
+                    wait = max(0.0, flush_at - time.monotonic()) if batch else 0.5
+                    event = self.link.events.get(timeout=wait)
             except queue.Empty:
                 event = None
-            if isinstance(event, Message):
-                parsed = self._parse(event)
-                if parsed is not None:
-                    batch.append(parsed)
-            if batch and (len(batch) >= self.settings.ingest_batch or time.monotonic() >= deadline):
-                self._store(batch)
+            if isinstance(event, Message) and (report := self._parse(event)) is not None:
+                if not batch:
+                    flush_at = time.monotonic() + self.settings.ingest_flush_s
+                batch.append(report)
+            due = event is None or time.monotonic() >= flush_at
+            if batch and (due or len(batch) >= self.settings.ingest_batch):
+                self._batches.put(batch)  # waits while the store thread is PENDING_BATCHES behind
                 batch = []
-            if time.monotonic() >= deadline:
-                deadline = time.monotonic() + self.settings.ingest_flush_s
-            if self._stop.is_set() and not batch:
-                break
+            if stopping and event is None:
+                self._batches.put(None)
+                return
 
-    def _parse(self, message: Message) -> tuple[str, Any] | None:
+    def _parse(self, message: Message) -> Report | None:
         try:
             device_id, suffix = parse_device_topic(message.topic)
             if suffix == "up/fetch":
@@ -140,6 +166,7 @@ class MqttBridge:
             if kind is None:
                 raise ProtocolError(f"unknown topic suffix {suffix!r}")
             body: Any = parse_payload(kind, message.payload, what=suffix)
+            _check_storable(body, what=suffix)
         except ProtocolError as e:
             REJECTED.labels(e.check).inc()
             logger.warning("dropping a device message on %s: %s", message.topic[:120], e)
@@ -153,24 +180,56 @@ class MqttBridge:
         MESSAGES.labels(suffix.removeprefix("up/")).inc()
         return suffix if suffix != "up/presence" else f"presence:{device_id}", body
 
-    def _store(self, batch: list[tuple[str, Any]]) -> None:
+    def _write(self) -> None:
+        """Store batches in order until the collector says it is done."""
+        while (batch := self._batches.get()) is not None:
+            self._store(batch)
+
+    def _store(self, batch: list[Report]) -> None:
+        started = time.perf_counter()
+        try:
+            self._store_together(batch)
+        except OperationalError:  # the database is unreachable: the batch is logged, not retried
+            logger.exception("could not store a batch of %d device messages", len(batch))
+        except Exception as e:  # one refused message must not cost the others
+            logger.warning(
+                "the database refused a batch of %d device messages (%s); storing them one by one",
+                len(batch),
+                _first_line(e),
+            )
+            for report in batch:
+                self._store_alone(report)
+        BATCH_SECONDS.observe(time.perf_counter() - started)
+
+    def _store_together(self, batch: list[Report]) -> None:
+        """Store ``batch`` in one transaction: states in seq order, then events and telemetry
+        with one statement each, then presence."""
         grouped: dict[str, list[Any]] = defaultdict(list)
         for kind, body in batch:
             grouped[kind].append(body)
-        started = time.perf_counter()
+        with Session(self.engine) as session:
+            for state in sorted(grouped.pop("up/state", []), key=lambda s: s.seq):
+                crud.ingest_state(session, state)
+            crud.ingest_events(session, grouped.pop("up/events", []))
+            crud.ingest_telemetry(session, grouped.pop("up/telemetry", []))
+            for kind, bodies in grouped.items():
+                device_id = kind.removeprefix("presence:")
+                crud.set_presence(session, device_id, online=bodies[-1].online)
+            session.commit()
+
+    def _store_alone(self, report: Report) -> None:
+        kind, body = report
         try:
-            with Session(self.engine) as session:
-                for state in sorted(grouped.pop("up/state", []), key=lambda s: s.seq):
-                    crud.ingest_state(session, state)
-                crud.ingest_events(session, grouped.pop("up/events", []))
-                crud.ingest_telemetry(session, grouped.pop("up/telemetry", []))
-                for kind, bodies in grouped.items():
-                    device_id = kind.removeprefix("presence:")
-                    crud.set_presence(session, device_id, online=bodies[-1].online)
-                session.commit()
-        except Exception:  # a database outage must not kill the bridge; the batch is logged
-            logger.exception("could not store a batch of %d device messages", len(batch))
-        BATCH_SECONDS.observe(time.perf_counter() - started)
+            self._store_together([report])
+        except Exception as e:  # logged with its reason, and dropped
+            REJECTED.labels("database").inc()
+            logger.warning(
+                "dropping a %s message from %s (seq %s) that the database refused: %s",
+                kind.partition(":")[0],
+                getattr(body, "device_id", kind.removeprefix("presence:")),
+                getattr(body, "seq", "-"),
+                _first_line(e),
+            )
 
     # -- fetches -------------------------------------------------------------------------------
 
@@ -187,3 +246,23 @@ class MqttBridge:
                 FETCH_BYTES.inc(len(frame))
                 if not self.link.publish(topic, frame):
                     break
+
+
+def _check_storable(body: Any, *, what: str) -> None:
+    """Refuse what the protocol allows but the database cannot store as meant.
+
+    Raises:
+        ProtocolError: a sequence number beyond the database's integer range, or a time
+            without a UTC offset (it would be read in the database server's time zone).
+    """
+    seq = getattr(body, "seq", 0)
+    if seq > MAX_SEQ:
+        raise ProtocolError(f"{what}: seq {seq} exceeds the largest storable, {MAX_SEQ}")
+    sent = getattr(body, "time", None)
+    if sent is not None and sent.utcoffset() is None:
+        raise ProtocolError(f"{what}: time {sent.isoformat()} has no UTC offset")
+
+
+def _first_line(error: Exception) -> str:
+    """The first line of an error's message (SQLAlchemy appends the statement and parameters)."""
+    return str(error).strip().partition("\n")[0][:300]

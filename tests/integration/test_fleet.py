@@ -318,3 +318,113 @@ def test_reports_mark_devices_seen_and_never_move_last_seen_back(db_url):
         }
     engine.dispose()
     assert seen == {"dev-8": (True, earlier), "dev-9": (True, later)}
+
+
+def test_replayed_reports_are_stored_once(db_url):
+    from fleet import crud
+    from fleet.db import make_engine, migrate
+    from fleet.models import DeviceEvent, TelemetrySample
+    from shared.protocol import DeploymentEvent, Telemetry
+
+    engine = make_engine(db_url)
+    migrate(engine)
+    now = datetime.now(UTC)
+    samples = [Telemetry(device_id="dev-1", seq=s, time=now, health={"cpu": 0.5}) for s in (1, 2)]
+    event = DeploymentEvent(
+        device_id="dev-1", seq=3, time=now, model="cnn", version="1.0.0", phase="activated"
+    )
+    for _ in range(2):  # the same batch again: a QoS 1 redelivery, or a second replica
+        with Session(engine) as session:
+            crud.ingest_telemetry(session, samples)
+            crud.ingest_events(session, [event])
+            session.commit()
+    with Session(engine) as session:
+        stored = [(t.seq, t.health) for t in session.exec(select(TelemetrySample))]
+        events = [e.seq for e in session.exec(select(DeviceEvent))]
+    engine.dispose()
+    assert sorted(stored) == [(1, {"cpu": 0.5}), (2, {"cpu": 0.5})]
+    assert events == [3]
+
+
+def test_a_report_the_database_refuses_costs_only_itself(db_url, tmp_path, caplog):
+    from fleet.db import make_engine, migrate
+    from fleet.distribution import BundleRepository
+    from fleet.models import TelemetrySample
+    from fleet.mqtt_bridge import MqttBridge
+    from shared.protocol import Telemetry
+
+    engine = make_engine(db_url)
+    migrate(engine)
+    bridge = MqttBridge(  # never started: its store step is called directly
+        FleetSettings(broker="mqtt://127.0.0.1:1", data_dir=tmp_path), engine, BundleRepository()
+    )
+    now = datetime.now(UTC)
+    batch = [
+        ("up/telemetry", Telemetry(device_id="dev-1", seq=1, time=now)),
+        ("up/telemetry", Telemetry(device_id="dev-2", seq=2**63, time=now)),  # too large
+        ("up/telemetry", Telemetry(device_id="dev-3", seq=1, time=now)),
+    ]
+    bridge._store(batch)
+    with Session(engine) as session:
+        stored = sorted(t.device_id for t in session.exec(select(TelemetrySample)))
+    engine.dispose()
+    assert stored == ["dev-1", "dev-3"]
+    assert "dropping a up/telemetry message from dev-2 (seq 9223372036854775808)" in caplog.text
+
+
+def test_reports_the_database_could_not_store_as_sent_are_refused_on_arrival():
+    from fleet.distribution import BundleRepository
+    from fleet.mqtt_bridge import MqttBridge
+    from shared.mqtt import Message
+
+    bridge = MqttBridge(
+        FleetSettings(broker="mqtt://127.0.0.1:1"), create_engine("sqlite://"), BundleRepository()
+    )
+    topic = device_topic("dev-1", "up/telemetry")
+    good = {"device_id": "dev-1", "seq": 1, "time": "2026-11-21T12:00:00+00:00"}
+    assert bridge._parse(Message(topic=topic, payload=json.dumps(good).encode())) is not None
+    for bad in ({"seq": 2**31}, {"time": "2026-11-21T12:00:00"}):  # beyond int4; no UTC offset
+        payload = json.dumps({**good, **bad}).encode()
+        assert bridge._parse(Message(topic=topic, payload=payload)) is None
+
+
+def test_the_device_list_comes_in_linked_pages(app_client):
+    from fleet import crud
+    from shared.protocol import Telemetry
+
+    now = datetime.now(UTC)
+    with Session(app_client.app.state.engine) as session:
+        crud.ingest_telemetry(
+            session, [Telemetry(device_id=f"dev-{i}", seq=1, time=now) for i in range(5)]
+        )
+        session.commit()
+    pages, url = [], "/api/v1/devices?limit=2"
+    while url:
+        response = app_client.get(url)
+        assert response.status_code == 200, response.text
+        pages.append([d["id"] for d in response.json()])
+        url = response.links.get("next", {}).get("url")
+    assert pages == [["dev-0", "dev-1"], ["dev-2", "dev-3"], ["dev-4"]]
+    assert app_client.get("/api/v1/devices?limit=1001").status_code == 422
+    assert [d["id"] for d in app_client.get("/api/v1/devices?offset=3").json()] == [
+        "dev-3",
+        "dev-4",
+    ]
+    only = app_client.get("/api/v1/devices", params={"search": "-4"}).json()
+    assert [(d["id"], d["online"], d["models"]) for d in only] == [("dev-4", True, {})]
+
+
+def test_device_list_command_fetches_every_page(app_client, monkeypatch, capsys):
+    import contextlib
+
+    from fleet import cli, crud
+    from shared.protocol import Telemetry
+
+    monkeypatch.setattr(cli, "_client", lambda fleet: contextlib.nullcontext(app_client))
+    now = datetime.now(UTC)
+    ids = [f"dev-{i:04d}" for i in range(1001)]  # more than the largest page
+    with Session(app_client.app.state.engine) as session:
+        crud.ingest_telemetry(session, [Telemetry(device_id=d, seq=1, time=now) for d in ids])
+        session.commit()
+    cli.list_devices(fleet=None, as_json=True)
+    assert [d["id"] for d in json.loads(capsys.readouterr().out)] == ids
