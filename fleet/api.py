@@ -2,18 +2,29 @@
 
 Roles: ``viewer`` reads; ``operator`` also publishes releases and acts on rollouts; ``admin``
 also enrolls devices and manages tokens. Tokens arrive as ``Authorization: Bearer <token>``.
+A token found in the database is remembered for ``TOKEN_CACHE_S`` seconds, so a revoked token
+keeps working that long at most in each running service.
+
+The device list is paged: ``limit`` (default ``DEFAULT_PAGE``, at most ``MAX_PAGE``) and
+``after``, the last device id of the previous page. A full page carries the URL of the next one
+in a ``Link: <...>; rel="next"`` header; the last page has none.
 """
 
 from __future__ import annotations
 
+import hashlib
 import tempfile
-from collections.abc import Callable, Iterator
+import threading
+import time
+from collections.abc import Awaitable, Callable, Iterator
 from datetime import datetime
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, HTTPException, Query, Request, status
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request, Response, status
 from pydantic import BaseModel
+from sqlalchemy.engine import Engine
 from sqlmodel import Session, col, select
+from starlette.concurrency import run_in_threadpool
 
 from fleet import crud
 from fleet.models import (
@@ -32,6 +43,9 @@ __all__ = ["router"]
 
 router = APIRouter(prefix="/api/v1")
 ROLE_RANK = {"viewer": 0, "operator": 1, "admin": 2}
+TOKEN_CACHE_S = 5.0
+DEFAULT_PAGE = 100
+MAX_PAGE = 1000
 
 
 def get_session(request: Request) -> Iterator[Session]:
@@ -42,19 +56,71 @@ def get_session(request: Request) -> Iterator[Session]:
 SessionDep = Annotated[Session, Depends(get_session)]
 
 
-def require(role: str) -> Callable[..., ApiToken]:
-    """A dependency that admits tokens of ``role`` or a higher one."""
+class TokenCache:
+    """Tokens found in the database in the last ``ttl_s`` seconds, by the secret's SHA-256.
 
-    def check(request: Request, session: SessionDep) -> ApiToken:
+    Only tokens that were found are remembered, as copies detached from any session.
+    """
+
+    def __init__(self, ttl_s: float) -> None:
+        self.ttl_s = ttl_s
+        self._tokens: dict[str, tuple[float, dict[str, Any]]] = {}
+        self._lock = threading.Lock()
+
+    def get(self, secret: str) -> ApiToken | None:
+        with self._lock:
+            found = self._tokens.get(hashlib.sha256(secret.encode()).hexdigest())
+        if found is None or found[0] < time.monotonic():
+            return None
+        return ApiToken(**found[1])
+
+    def put(self, secret: str, token: ApiToken) -> None:
+        fields = token.model_dump()
+        with self._lock:
+            now = time.monotonic()
+            for key in [k for k, (expires, _) in self._tokens.items() if expires < now]:
+                del self._tokens[key]
+            self._tokens[hashlib.sha256(secret.encode()).hexdigest()] = (now + self.ttl_s, fields)
+
+
+def _token_cache(app: FastAPI) -> TokenCache:
+    if not hasattr(app.state, "token_cache"):
+        app.state.token_cache = TokenCache(TOKEN_CACHE_S)
+    cache: TokenCache = app.state.token_cache
+    return cache
+
+
+def _authenticate(engine: Engine, secret: str) -> ApiToken | None:
+    with Session(engine) as session:
+        token = crud.authenticate(session, secret)
+        if token is not None:
+            session.expunge(token)
+        return token
+
+
+def require(role: str) -> Callable[..., Awaitable[ApiToken]]:
+    """A dependency that admits tokens of ``role`` or a higher one.
+
+    It runs on the event loop; only a token not seen in the last ``TOKEN_CACHE_S`` seconds
+    costs a database query (in the thread pool).
+    """
+
+    async def check(request: Request) -> ApiToken:
         header = request.headers.get("authorization", "")
         scheme, _, secret = header.partition(" ")
+        secret = secret.strip()
         if scheme.lower() != "bearer" or not secret:
             raise HTTPException(
                 status.HTTP_401_UNAUTHORIZED,
                 "expected 'Authorization: Bearer <token>'",
                 headers={"WWW-Authenticate": "Bearer"},
             )
-        token = crud.authenticate(session, secret.strip())
+        cache = _token_cache(request.app)
+        token = cache.get(secret)
+        if token is None:
+            token = await run_in_threadpool(_authenticate, request.app.state.engine, secret)
+            if token is not None:
+                cache.put(secret, token)
         if token is None:
             raise HTTPException(
                 status.HTTP_401_UNAUTHORIZED,
@@ -117,24 +183,35 @@ def whoami(token: Viewer) -> dict[str, str]:
 
 @router.get("/devices", response_model=list[DeviceOut])
 def list_devices(
+    request: Request,
+    response: Response,
     session: SessionDep,
     _: Viewer,
     online: bool | None = None,
     hardware_class: Annotated[str | None, Query(max_length=128)] = None,
     search: Annotated[str | None, Query(max_length=64)] = None,
-    limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
+    limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = DEFAULT_PAGE,
+    after: Annotated[
+        str | None, Query(max_length=64, description="the last device id of the previous page")
+    ] = None,
     offset: Annotated[int, Query(ge=0)] = 0,
-) -> list[DeviceOut]:
-    query = select(Device).order_by(col(Device.id))
-    if online is not None:
-        query = query.where(Device.online == online)
-    if hardware_class:
-        query = query.where(Device.hardware_class == hardware_class)
-    if search:
-        query = query.where(col(Device.id).contains(search))
-    devices = list(session.exec(query.offset(offset).limit(limit)))
-    models = crud.device_models(session, [d.id for d in devices])
-    return [_device_out(d, models[d.id]) for d in devices]
+) -> list[dict[str, Any]]:
+    """Devices ordered by id, one page at a time (see the ``Link`` header for the next)."""
+    devices = crud.device_page(
+        session,
+        limit=limit,
+        after=after,
+        offset=offset,
+        online=online,
+        hardware_class=hardware_class,
+        search=search,
+    )
+    if len(devices) == limit:
+        following = request.url.remove_query_params("offset").include_query_params(
+            after=devices[-1]["id"]
+        )
+        response.headers["Link"] = f'<{following.path}?{following.query}>; rel="next"'
+    return devices
 
 
 @router.get("/devices/{device_id}")

@@ -171,8 +171,13 @@ def list_devices(
     fleet: FleetUrl = None, as_json: Annotated[bool, typer.Option("--json")] = False
 ) -> None:
     """List devices with their online state and the versions they report running."""
+    devices: list[dict[str, Any]] = []
     with _client(fleet) as client:
-        devices = _check(client.get("/api/v1/devices", params={"limit": 10_000}))
+        page: str | None = "/api/v1/devices?limit=1000"
+        while page:  # each full page links to the next one
+            response = client.get(page)
+            devices += _check(response)
+            page = response.links.get("next", {}).get("url")
     if as_json:
         print_json(devices)
         return
