@@ -9,7 +9,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, Column, Index, UniqueConstraint
+from sqlalchemy import JSON, BigInteger, Column, Index, UniqueConstraint
 from sqlmodel import Field, SQLModel
 
 __all__ = [
@@ -35,7 +35,7 @@ class Device(SQLModel, table=True):
     online: bool = False
     enrolled_at: datetime | None = None
     last_seen: datetime | None = None
-    last_state_seq: int = 0
+    last_state_seq: int = Field(default=0, sa_type=BigInteger)  # agents count in ms since 1970
     pinned: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
     order_sequence: int = 0  # last director order sequence sent (monotonic per device)
 
@@ -65,7 +65,7 @@ class DeviceEvent(SQLModel, table=True):
 
     id: int | None = Field(default=None, primary_key=True)
     device_id: str = Field(max_length=64, index=True)
-    seq: int
+    seq: int = Field(sa_type=BigInteger)
     time: datetime
     model: str = Field(max_length=64)
     version: str = Field(max_length=64)
@@ -82,7 +82,7 @@ class TelemetrySample(SQLModel, table=True):
 
     id: int | None = Field(default=None, primary_key=True)
     device_id: str = Field(max_length=64, index=True)
-    seq: int
+    seq: int = Field(sa_type=BigInteger)
     time: datetime
     models: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
     health: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))

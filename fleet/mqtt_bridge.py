@@ -59,7 +59,7 @@ __all__ = ["MqttBridge"]
 
 logger = logging.getLogger(__name__)
 SHARE_GROUP = "edgefleet-fleet"
-MAX_SEQ = 2**31 - 1  # the database's integer columns
+MAX_SEQ = 2**63 - 1  # the database's BIGINT columns
 PENDING_BATCHES = 2  # parsed batches waiting for the store thread; then parsing waits too
 
 Report = tuple[str, Any]  # ("up/state" | "up/events" | "up/telemetry" | "presence:<id>", body)

@@ -383,9 +383,27 @@ def test_reports_the_database_could_not_store_as_sent_are_refused_on_arrival():
     topic = device_topic("dev-1", "up/telemetry")
     good = {"device_id": "dev-1", "seq": 1, "time": "2026-11-21T12:00:00+00:00"}
     assert bridge._parse(Message(topic=topic, payload=json.dumps(good).encode())) is not None
-    for bad in ({"seq": 2**31}, {"time": "2026-11-21T12:00:00"}):  # beyond int4; no UTC offset
+    for bad in ({"seq": 2**63}, {"time": "2026-11-21T12:00:00"}):  # beyond int8; no UTC offset
         payload = json.dumps({**good, **bad}).encode()
         assert bridge._parse(Message(topic=topic, payload=payload)) is None
+
+
+def test_reports_numbered_from_the_clock_in_milliseconds_are_stored(app_client):
+    """Agents number reports from the clock in ms, beyond 32 bits: both databases keep them."""
+    from fleet import crud
+    from fleet.models import TelemetrySample
+    from shared.protocol import Telemetry
+
+    seq = int(time.time() * 1000)
+    with Session(app_client.app.state.engine) as session:
+        crud.ingest_telemetry(
+            session, [Telemetry(device_id="dev-ms", seq=seq, time=datetime.now(UTC))]
+        )
+        session.commit()
+        stored = session.exec(
+            select(TelemetrySample.seq).where(TelemetrySample.device_id == "dev-ms")
+        ).all()
+    assert list(stored) == [seq]
 
 
 def test_the_device_list_comes_in_linked_pages(app_client):
