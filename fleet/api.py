@@ -21,7 +21,7 @@ from datetime import datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request, Response, status
-from pydantic import BaseModel
+from pydantic import BaseModel, TypeAdapter
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, col, select
 from starlette.concurrency import run_in_threadpool
@@ -151,6 +151,9 @@ class DeviceOut(BaseModel):
     models: dict[str, str | None]
 
 
+DEVICE_LIST = TypeAdapter(list[DeviceOut])
+
+
 class ReleaseOut(BaseModel):
     name: str
     version: str
@@ -184,8 +187,6 @@ def whoami(token: Viewer) -> dict[str, str]:
 @router.get("/devices", response_model=list[DeviceOut])
 def list_devices(
     request: Request,
-    response: Response,
-    session: SessionDep,
     _: Viewer,
     online: bool | None = None,
     hardware_class: Annotated[str | None, Query(max_length=128)] = None,
@@ -195,23 +196,31 @@ def list_devices(
         str | None, Query(max_length=64, description="the last device id of the previous page")
     ] = None,
     offset: Annotated[int, Query(ge=0)] = 0,
-) -> list[dict[str, Any]]:
-    """Devices ordered by id, one page at a time (see the ``Link`` header for the next)."""
-    devices = crud.device_page(
-        session,
-        limit=limit,
-        after=after,
-        offset=offset,
-        online=online,
-        hardware_class=hardware_class,
-        search=search,
-    )
+) -> Response:
+    """Devices ordered by id, one page at a time (see the ``Link`` header for the next).
+
+    The API's busiest read, so it takes the shortest path: its own session rather than
+    ``SessionDep`` (whose set-up and tear-down are two more trips through the thread pool), and
+    the JSON encoded here in one pass instead of FastAPI's validation and encoding passes.
+    """
+    with Session(request.app.state.engine) as session:
+        devices = crud.device_page(
+            session,
+            limit=limit,
+            after=after,
+            offset=offset,
+            online=online,
+            hardware_class=hardware_class,
+            search=search,
+        )
+    headers = {}
     if len(devices) == limit:
         following = request.url.remove_query_params("offset").include_query_params(
             after=devices[-1]["id"]
         )
-        response.headers["Link"] = f'<{following.path}?{following.query}>; rel="next"'
-    return devices
+        headers["Link"] = f'<{following.path}?{following.query}>; rel="next"'
+    body = DEVICE_LIST.dump_json(DEVICE_LIST.validate_python(devices))
+    return Response(body, media_type="application/json", headers=headers)
 
 
 @router.get("/devices/{device_id}")
