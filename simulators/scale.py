@@ -818,27 +818,39 @@ def _stages(run: _Run) -> list[dict[str, Any]]:
     return rows
 
 
+def _group(run: _Run, members: list[SimDevice]) -> dict[str, int]:
+    """How many of ``members`` came online at some point and how many run the new version."""
+    version = run.release.version
+    return {
+        "devices": len(members),
+        "came_online": sum(d.ever_online for d in members),
+        "on_new_version": sum(d.running == version for d in members),
+    }
+
+
 def _devices(run: _Run) -> dict[str, Any]:
     version = run.release.version
     progress = run.rollout.progress
     enrolled = [d for d in run.devices if d.running is not None]
     reachable = [d for d in enrolled if d.ever_online]
-    on_new = [d for d in reachable if d.running == version]
-    left: Counter[str] = Counter()
+    left: Counter[str] = Counter()  # reachable devices not on the new version, by engine record
     for d in reachable:
         if d.running != version:
             p = progress.get(d.device_id)
             left[(p.failure_class or p.state.value) if p else "not in the rollout"] += 1
     done = sorted(run.switched_at.values())
-    late = [d for d in on_new if d.offline_until or d.enroll_at or d.outage]
+    completed = run.state_at.get("completed", math.inf)
     return {
         "fleet": len(run.devices),
         "enrolled": len(enrolled),
         "reachable": len(reachable),
         "never_online": len(enrolled) - len(reachable),
-        "on_new_version": len(on_new),
+        "on_new_version": sum(d.running == version for d in reachable),
         "not_on_new_version": dict(sorted(left.items())),
-        "offline_or_late_then_updated": len(late),
+        "offline_at_start": _group(run, [d for d in run.devices if d.offline_until is not None]),
+        "enrolled_mid_rollout": _group(run, [d for d in run.devices if d.enroll_at > 0]),
+        "with_an_outage": _group(run, [d for d in enrolled if d.outage is not None]),
+        "updated_after_completion": sum(t > completed for t in done),
         "updated_by_s": {
             "p50": round(_percentile(done, 50), 1) if done else None,
             "p99": round(_percentile(done, 99), 1) if done else None,
