@@ -33,7 +33,7 @@ from agent.config import AgentSettings
 from agent.fetch import FetchClient
 from agent.health import HealthSampler
 from agent.outbox import Outbox
-from agent.runtimes.inventory import scan
+from agent.platform import DevicePlatform
 from agent.store import ModelStore, write_atomic
 from agent.updater import ActiveModel, Deployer, DeploymentError
 from shared.errors import EdgefleetError
@@ -68,9 +68,14 @@ AGENT_VERSION = "0.1.0"
 
 
 class _Metrics:
-    """Per-model request counters and a bounded window of latencies for percentiles."""
+    """One model version's request counters and a bounded window of latencies for percentiles.
 
-    def __init__(self) -> None:
+    Started afresh when another version becomes active, so that a report never mixes the
+    latencies of two versions (the fleet's latency gate compares versions).
+    """
+
+    def __init__(self, version: str) -> None:
+        self.version = version
         self.requests = 0
         self.errors = 0
         self.latencies: deque[float] = deque(maxlen=2048)
@@ -80,42 +85,30 @@ class _Metrics:
         pct = (
             {f"p{q}": float(np.percentile(lat, q)) for q in (50, 95, 99)} if lat is not None else {}
         )
-        return {"requests": self.requests, "errors": self.errors, "latency_ms": pct}
+        return {
+            "version": self.version,
+            "requests": self.requests,
+            "errors": self.errors,
+            "latency_ms": pct,
+        }
 
 
 class Agent:
     """One device's agent. :meth:`run` blocks until :meth:`stop`."""
 
-    def __init__(self, settings: AgentSettings) -> None:
+    def __init__(self, settings: AgentSettings, platform: DevicePlatform | None = None) -> None:
         self.settings = settings
         self.device_id = settings.device_id
         self.store = ModelStore(settings.data_dir)
         for note in self.store.recover():
-            logger.warning("recovered after an interrupted run: %s", note)
-        self.inventory = scan()
-        self.health = HealthSampler(settings.data_dir)
+            logger.warning("%s: recovered after an interrupted run: %s", self.device_id, note)
+        self.platform = platform or DevicePlatform.detect()
+        self.inventory = self.platform.inventory
+        self.health = HealthSampler(settings.data_dir, self.platform.health_root)
         self.outbox = Outbox(settings.data_dir / "outbox", max_records=settings.outbox_max_records)
-        presence = device_topic(self.device_id, UP_PRESENCE)
-        self.link = MqttLink(
-            MqttSettings(
-                url=settings.broker,
-                client_id=self.device_id,
-                username=settings.username,
-                password=settings.password,
-                ca_file=str(settings.ca_file) if settings.ca_file else None,
-                cert_file=str(settings.cert_file) if settings.cert_file else None,
-                key_file=str(settings.key_file) if settings.key_file else None,
-                protocol=settings.mqtt_protocol,
-                will_topic=presence,
-                will_payload=Presence(online=False).model_dump_json().encode(),
-            ),
-            subscriptions=[
-                (device_topic(self.device_id, "down/#"), 1),
-                (device_topic(self.device_id, INFER_REQUEST), 1),
-            ],
-        )
+        self.link = self._make_link(settings)
         self.client = FetchClient(self.link, self.device_id, timeout_s=settings.request_timeout_s)
-        self.deployer = Deployer(settings, self.store, self.client, self.inventory, self._emit)
+        self.deployer = Deployer(settings, self.store, self.client, self.platform, self._emit)
         self.models: dict[str, ActiveModel] = {}
         self.metrics: dict[str, _Metrics] = {}
         self.commands: queue.Queue[Command] = queue.Queue()
@@ -132,6 +125,28 @@ class Agent:
                     "hardware_class": self.deployer.identity.hardware_id,
                 }
             ).encode(),
+        )
+
+    def _make_link(self, settings: AgentSettings) -> MqttLink:
+        """The device's MQTT connection (simulators override this to inject network faults)."""
+        presence = device_topic(self.device_id, UP_PRESENCE)
+        return MqttLink(
+            MqttSettings(
+                url=settings.broker,
+                client_id=self.device_id,
+                username=settings.username,
+                password=settings.password,
+                ca_file=str(settings.ca_file) if settings.ca_file else None,
+                cert_file=str(settings.cert_file) if settings.cert_file else None,
+                key_file=str(settings.key_file) if settings.key_file else None,
+                protocol=settings.mqtt_protocol,
+                will_topic=presence,
+                will_payload=Presence(online=False).model_dump_json().encode(),
+            ),
+            subscriptions=[
+                (device_topic(self.device_id, "down/#"), 1),
+                (device_topic(self.device_id, INFER_REQUEST), 1),
+            ],
         )
 
     def _set_models(self, models: dict[str, ActiveModel]) -> None:
@@ -261,9 +276,9 @@ class Agent:
         workers = [
             threading.Thread(target=f, name=n, daemon=True)
             for f, n in (
-                (self._dispatch, "edgefleet-dispatch"),
-                (self._work, "edgefleet-worker"),
-                (self._serve_inference, "edgefleet-infer"),
+                (self._dispatch, f"edgefleet-dispatch-{self.device_id}"),
+                (self._work, f"edgefleet-worker-{self.device_id}"),
+                (self._serve_inference, f"edgefleet-infer-{self.device_id}"),
             )
         ]
         for worker in workers:
@@ -275,6 +290,12 @@ class Agent:
             if time.monotonic() >= next_telemetry:
                 self.report_telemetry()
                 next_telemetry = time.monotonic() + self.settings.telemetry_interval_s
+        # A clean disconnect suppresses the last will: say we are going offline ourselves.
+        self.link.publish_confirmed(
+            device_topic(self.device_id, UP_PRESENCE),
+            Presence(online=False).model_dump_json().encode(),
+            timeout_s=2.0,
+        )
         self.link.stop()
         for active in self.models.values():
             active.runner.close()
@@ -434,7 +455,9 @@ class Agent:
         active = self.models.get(name)
         if active is None:
             raise EdgefleetError(f"no model {name!r} is active on this device", check="no-model")
-        metrics = self.metrics.setdefault(name, _Metrics())
+        metrics = self.metrics.get(name)
+        if metrics is None or metrics.version != active.version:
+            metrics = self.metrics[name] = _Metrics(active.version)
         metrics.requests += 1
         started = time.perf_counter()
         try:

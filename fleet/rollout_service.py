@@ -27,6 +27,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Protocol
 
+from sqlalchemy import func
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, col, select
 
@@ -358,19 +359,34 @@ class RolloutService:
     def _metrics(
         self, session: Session, record: RolloutRecord, views: list[DeviceView]
     ) -> dict[tuple[str, str], DeviceMetrics]:
+        """Each device's latest telemetry for the model, keyed by the version it measured.
+
+        One query over the latest sample per device. Agents name the version their figures are
+        for; an older agent's figures count for the version the device runs.
+        """
         running = {v.device_id: v.running_version for v in views if v.running_version}
-        latest: dict[str, TelemetrySample] = {}
-        for sample in session.exec(
-            select(TelemetrySample)
+        if not running:
+            return {}
+        latest = (
+            select(TelemetrySample.device_id, func.max(TelemetrySample.seq).label("seq"))
             .where(col(TelemetrySample.device_id).in_(list(running)))
-            .order_by(col(TelemetrySample.seq))
-        ):
-            latest[sample.device_id] = sample
+            .group_by(col(TelemetrySample.device_id))
+            .subquery()
+        )
+        rows = session.exec(
+            select(TelemetrySample.device_id, TelemetrySample.models).join(
+                latest,
+                (col(TelemetrySample.device_id) == latest.c.device_id)
+                & (col(TelemetrySample.seq) == latest.c.seq),
+            )
+        )
         metrics = {}
-        for device_id, sample in latest.items():
-            entry = telemetry_metrics(sample.models.get(record.model))
-            if entry is not None:
-                metrics[(device_id, running[device_id])] = entry
+        for device_id, models in rows:
+            entry = models.get(record.model) if isinstance(models, dict) else None
+            figures = telemetry_metrics(entry)
+            if figures is not None and isinstance(entry, dict):
+                version = entry.get("version") or running[device_id]
+                metrics[(device_id, str(version))] = figures
         return metrics
 
     # -- stepping ------------------------------------------------------------------------------

@@ -81,7 +81,9 @@ and since the last report of its cohort. The cohort is the stage's dispatched de
 * latency: each new-version device's p95 is divided by the median p95 of the control group of its
   hardware class (telemetry on ``previous_version``: devices still running it, and the last
   window of devices that moved on); the median of these ratios, and each class's ratio of
-  medians when both sides have ``min_sample`` devices, must be ``<= max_p95_ratio``.
+  medians when both sides have ``min_sample`` devices, must be ``<= max_p95_ratio``. When a
+  class has no control device left (a last stage of 100%), the control median measured at this
+  rollout's latest earlier gate stands in for it (marked ``control_from_earlier_stage``).
 
 Any check that fails makes the verdict ``fail``; otherwise a check without ``min_sample`` data
 makes it ``inconclusive``; otherwise ``pass``. A stage without any device (cumulative targets
@@ -1174,6 +1176,7 @@ def _telemetry(
     progress: Mapping[str, DeviceProgress],
     metrics: Mapping[tuple[str, str], DeviceMetrics],
     checks: _Checks,
+    baseline: Mapping[str, tuple[float, int]],
 ) -> tuple[dict[str, object], dict[str, object]]:
     g = plan.gates
     new_p95: dict[str, list[float]] = {}
@@ -1234,7 +1237,7 @@ def _telemetry(
             for hw, (n, req, err) in sorted(traffic.items())
         },
     }
-    return errors, _latency(plan, new_p95, control_p95, checks)
+    return errors, _latency(plan, new_p95, control_p95, checks, baseline)
 
 
 def _latency(
@@ -1242,6 +1245,7 @@ def _latency(
     new_p95: dict[str, list[float]],
     control_p95: dict[str, list[float]],
     checks: _Checks,
+    baseline: Mapping[str, tuple[float, int]],
 ) -> dict[str, object]:
     g = plan.gates
     normalized: list[float] = []
@@ -1250,21 +1254,24 @@ def _latency(
     class_ratios: list[tuple[float, str]] = []
     for hw, values in sorted(new_p95.items()):
         control = control_p95.get(hw, [])
-        base = _median(control)
+        base, base_n, carried = _median(control), len(control), False
+        if not base and hw in baseline:  # nobody left on the old version: the last known figure
+            (base, base_n), carried = baseline[hw], True
         med = _median(values)
         ratio = med / base if med is not None and base else None
         by_class[hw] = {
             "new": len(values),
-            "control": len(control),
+            "control": base_n,
             "new_median_p95_ms": _r6(med),
             "control_median_p95_ms": _r6(base),
+            "control_from_earlier_stage": carried,
             "ratio": _r6(ratio),
         }
         if not base:
             continue
-        control_n += len(control)
+        control_n += base_n
         normalized.extend(v / base for v in values)
-        if ratio is not None and len(values) >= g.min_sample and len(control) >= g.min_sample:
+        if ratio is not None and len(values) >= g.min_sample and base_n >= g.min_sample:
             class_ratios.append((ratio, hw))
     pooled = _median(normalized)
     worst = max(
@@ -1300,18 +1307,36 @@ def _latency(
     }
 
 
+def _control_baseline(decisions: Sequence[GateDecision]) -> dict[str, tuple[float, int]]:
+    """Per hardware class, the latest control-group median p95 (ms) a gate measured, and of how
+    many devices: the reference for a later stage that leaves nobody on the old version."""
+    baseline: dict[str, tuple[float, int]] = {}
+    for decision in decisions:
+        latency = decision.figures.get("latency")
+        classes = latency.get("by_hardware_class", {}) if isinstance(latency, Mapping) else {}
+        for hw, row in classes.items():
+            if isinstance(row, Mapping) and not row.get("control_from_earlier_stage"):
+                median, count = row.get("control_median_p95_ms"), row.get("control")
+                if isinstance(median, float | int) and median > 0 and isinstance(count, int):
+                    baseline[hw] = (float(median), count)
+    return baseline
+
+
 def _evaluate(
     plan: Plan,
     progress: Mapping[str, DeviceProgress],
     stage: int,
     metrics: Mapping[tuple[str, str], DeviceMetrics] | None,
+    decisions: Sequence[GateDecision] = (),
 ) -> tuple[Verdict, dict[str, object], str]:
     checks = _Checks()
     figures: dict[str, object] = {"stage": stage}
     figures["install"] = _install(plan, progress, stage, checks)
     figures["crash"] = _crash(plan, progress, checks)
     if metrics is not None:
-        figures["errors"], figures["latency"] = _telemetry(plan, progress, metrics, checks)
+        figures["errors"], figures["latency"] = _telemetry(
+            plan, progress, metrics, checks, _control_baseline(decisions)
+        )
     else:
         checks.status["errors"] = checks.status["latency"] = "not evaluated"
     g = plan.gates
@@ -1595,7 +1620,9 @@ class _Run:
         soak_end += self.plan.stages[self.stage].soak_s
         if s.cohort_busy or s.waiting or self.now < soak_end:
             return
-        verdict, figures, reason = _evaluate(self.plan, self.progress, self.stage, metrics)
+        verdict, figures, reason = _evaluate(
+            self.plan, self.progress, self.stage, metrics, self.decisions
+        )
         self.decide(verdict, figures, reason, by="gate")
 
     def decide(

@@ -900,6 +900,32 @@ def test_error_rate_gate():
     assert decision.figures["errors"]["control_rate"] == 0.0
 
 
+def test_a_last_stage_with_nobody_left_on_the_old_version_uses_the_earlier_control_figure():
+    """Only live telemetry (no window of devices that moved on): the 100% stage has no control
+    group of its own, so the control median of the first stage's gate stands in for it."""
+    plan = make_plan(
+        stages=(Stage(percent=50, soak_s=600), Stage(percent=100, soak_s=600)),
+        gates=Gates(min_sample=5),
+    )
+    sim = Sim.of(plan, make_fleet(40, classes=("rpi5", "jetson")))
+    for d in sim.devices.values():
+        d.slowdown = 1.1
+
+    def forget_old_versions(_i: int, _now: float) -> None:
+        for did, version in list(sim.telemetry):
+            if version != sim.devices[did].view.running_version:
+                del sim.telemetry[(did, version)]
+
+    rollout, history = drive(plan, sim, steps=60, before_step=forget_old_versions)
+    first, last = [d for r in history for d in decisions(r)]
+    assert rollout.state is RolloutState.COMPLETED, last.reason
+    assert not first.figures["latency"]["by_hardware_class"]["rpi5"]["control_from_earlier_stage"]
+    rpi5 = last.figures["latency"]["by_hardware_class"]["rpi5"]
+    assert rpi5["control_from_earlier_stage"]
+    assert rpi5["control_median_p95_ms"] == 10.0
+    assert rpi5["ratio"] == pytest.approx(1.1)
+
+
 def test_latency_gate_is_inconclusive_without_a_control_group():
     plan = make_plan(stages=(Stage(percent=100, soak_s=0),), gates=Gates(min_sample=2))
     devices = make_fleet(4)
