@@ -232,36 +232,10 @@ def status(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """Show the device's local state: active, previous and in-progress versions per model."""
-    import json
+    from agent.status import read_status
 
-    from agent.store import ModelStore
-
-    if not (data_dir / "models").is_dir():
-        raise UsageError(f"{data_dir}: not an agent data directory (no models/ in it)")
-    store = ModelStore(data_dir)
-    identity = {}
-    if (data_dir / "identity.json").exists():
-        identity = json.loads((data_dir / "identity.json").read_text())
-    probation = {}
-    if (data_dir / "probation.json").exists():
-        probation = json.loads((data_dir / "probation.json").read_text())
-    models: dict[str, dict[str, Any]] = {}
-    for name in store.models():
-        current = store.current(name)
-        runtime = None
-        if current and (data_dir / "runtime.json").exists():
-            runtime = json.loads((data_dir / "runtime.json").read_text()).get(name)
-        staging = data_dir / "staging" / name
-        models[name] = {
-            "version": current,
-            "runtime": runtime,
-            "previous_version": store.previous(name),
-            "rollback_floor": store.floor(name),
-            "failed_versions": store.state.failed.get(name, []),
-            "downloading": sorted(p.name for p in staging.iterdir()) if staging.is_dir() else [],
-            "probation": probation.get("version") if probation.get("model") == name else None,
-        }
-    report = {"device_id": identity.get("device_id"), "models": models}
+    report = read_status(data_dir)
+    models = report["models"]
     if as_json:
         print_json(report)
         return

@@ -33,6 +33,7 @@ import logging
 import os
 import shutil
 import signal
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -64,10 +65,16 @@ class StoreError(EdgefleetError):
     default_check = "store"
 
 
+# Simulators set this to cut the power of one virtual device (by raising in its thread).
+power_cut_hook: Callable[[str], None] | None = None
+
+
 def kill_point(point: str) -> None:
     """Die here, as a power cut would, when the tests asked for it with ``EDGEFLEET_FAULT``."""
     if os.environ.get(FAULT_ENV) == point:
         os.kill(os.getpid(), signal.SIGKILL)
+    if power_cut_hook is not None:
+        power_cut_hook(point)
 
 
 def fsync_dir(path: Path) -> None:

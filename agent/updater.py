@@ -38,8 +38,8 @@ from tuf.ngclient import UpdaterConfig
 
 from agent.config import AgentSettings
 from agent.fetch import TUF_BASE_URL, FetchClient, MqttTufFetcher
+from agent.platform import DevicePlatform
 from agent.runtimes.cache import DecisionCache
-from agent.runtimes.inventory import Inventory
 from agent.runtimes.probe import probe_model
 from agent.runtimes.runner import ModelRunner
 from agent.runtimes.selection import Decision
@@ -231,17 +231,18 @@ class Deployer:
         settings: AgentSettings,
         store: ModelStore,
         client: FetchClient,
-        inventory: Inventory,
+        platform: DevicePlatform,
         emit: Emit,
     ) -> None:
         self.settings = settings
         self.store = store
         self.client = client
-        self.inventory = inventory
+        self.platform = platform
+        self.inventory = platform.inventory
         self.emit = emit
         self.trust = DeviceTrust(settings.data_dir, settings.trust, client)
         self.identity = DeviceIdentity(
-            settings.device_id, settings.hardware_id or inventory.hardware_class()
+            settings.device_id, settings.hardware_id or self.inventory.hardware_class()
         )
         self.cache = DecisionCache(settings.data_dir / "cache" / "runtime-decisions")
 
@@ -448,6 +449,8 @@ class Deployer:
                 inventory=self.inventory,
                 objective=self.settings.objective,
                 cache=self.cache,
+                backends=self.platform.backends,
+                isolate=self.platform.isolate_trials,
             )
         except EdgefleetError as e:
             raise DeploymentError("self_test", str(e)) from e
@@ -465,7 +468,7 @@ class Deployer:
     def load(self, manifest: Manifest, decision: Decision) -> ActiveModel:
         """Load a model for serving (the old one keeps serving until the caller swaps)."""
         root = self.store.version_dir(manifest.name, manifest.version)
-        runner = ModelRunner(root, manifest, decision)
+        runner = ModelRunner(root, manifest, decision, self.platform.backends)
         try:
             runner.load()
         except EdgefleetError as e:

@@ -1,14 +1,15 @@
 """``edgefleet demo``: the whole system on this machine, with real parts.
 
-1. make the example model and three releases: v1, v2 (good) and v3 (bad: its outputs are wrong,
-   so every device's self-test refuses it), signed with fresh keys;
+1. make the example model and three releases, v1, v2 and v3, signed with fresh keys;
 2. create a device CA, a TLS broker configuration with per-device ACLs, and start ``mosquitto``;
 3. start the fleet service (SQLite, the MQTT bridge, the rollout scheduler) on localhost;
-4. publish the releases, enroll the devices and start one real agent process per device;
+4. publish the releases, enroll the devices and start them: virtual devices
+   (:mod:`simulators.virtual`), each running the real agent on a simulated hardware profile;
 5. roll v1 out to all, v2 in stages, v3 in stages, which the gates must halt and revert.
 
-Devices are real agent processes (each loads real runtimes), so keep ``--devices`` small here;
-the simulators take over for large fleets.
+v3 is the bad release: on the ``arm-npu`` hardware class it computes wrong outputs (so the
+devices' self-test refuses it there), and everywhere else it is correct but twice as slow (so
+the latency gate, which compares it with the devices still on v2, refuses it too).
 """
 
 from __future__ import annotations
@@ -20,18 +21,17 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import httpx
-import numpy as np
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from shared.bundle import build_bundle, inspect_bundle, write_signed_copy
@@ -39,22 +39,25 @@ from shared.cli.common import console
 from shared.errors import UsageError
 from shared.keystore import KeyStore
 from shared.trust import sign_release
+from simulators.hardware import DEFAULT_PROFILES, parse_profiles
+from simulators.virtual import Simulation, SimulationOptions, parse_faults
 
 __all__ = ["DemoOptions", "run_demo"]
 
 VERSIONS = ("1.0.0", "2.0.0", "3.0.0")
+# How v3 misbehaves on the simulated hardware (see the module docstring).
+BAD_V3 = "wrong-output:version=3.0.0:class=arm-npu,slow:version=3.0.0:factor=2"
 ADMIN_TOKEN_ENV = "EDGEFLEET_ADMIN_TOKEN"  # noqa: S105 - the variable name, not a secret
 
 
 @dataclass
 class DemoOptions:
     work_dir: Path
-    devices: int = 3
+    devices: int = 12
     headless: bool = False
     as_json: bool = False
     port: int = 8080
     timeout_s: float = 300.0
-    processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
 
 
 def _free_port() -> int:
@@ -73,9 +76,6 @@ def _make_releases(work: Path) -> Path:
         spec = json.loads((model / "model.json").read_text())
         spec["metadata"]["release"] = version
         (model / "model.json").write_text(json.dumps(spec))
-        if version == "3.0.0":  # a bad model: its outputs no longer match the golden ones
-            golden = model / "vectors" / "output.npy"
-            np.save(golden, np.load(golden) * 2 + 1)
         bundle = work / "releases" / f"cnn-{version}.bundle"
         build_bundle(model, name="cnn", version=version, out=bundle, chunk_size=64 * 1024)
         _, files = sign_release(
@@ -177,47 +177,6 @@ def _fleet(work: Path, keys: Path, broker_port: int, ca: Path, port: int) -> Ite
         thread.join(15)
 
 
-def _start_agent(
-    work: Path, device: str, creds: dict[str, str], broker_port: int
-) -> subprocess.Popen[bytes]:
-    home = work / "devices" / device
-    home.mkdir(parents=True, exist_ok=True)
-    (home / "device.pem").write_text(creds["cert_pem"])
-    (home / "device-key.pem").write_text(creds["key_pem"])
-    (home / "device-key.pem").chmod(0o600)
-    (home / "ca.pem").write_text(creds["ca_pem"])
-    (home / "root.json").write_text(creds["trust_root"])
-    (home / "agent.toml").write_text("[agent]\nprobation_s = 2.0\ntelemetry_interval_s = 2.0\n")
-    log = (home / "agent.log").open("wb")
-    return subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "shared.cli.main",
-            "agent",
-            "run",
-            "--broker",
-            f"mqtts://127.0.0.1:{broker_port}",
-            "--device-id",
-            device,
-            "--data-dir",
-            str(home / "data"),
-            "--trust",
-            str(home / "root.json"),
-            "--config",
-            str(home / "agent.toml"),
-            "--ca-file",
-            str(home / "ca.pem"),
-            "--cert-file",
-            str(home / "device.pem"),
-            "--key-file",
-            str(home / "device-key.pem"),
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-
-
 def _wait(check: Any, timeout: float, what: str) -> Any:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -243,7 +202,12 @@ def _rollout(
         "max_failure_rate": 0.0,
         "revert_on_fail": True,
         "device_timeout_s": 120,
-        "gates": {"min_sample": 1, "max_p95_ratio": None, "max_error_rate": None},
+        # The first release has no control group to compare latency with.
+        "gates": {
+            "min_sample": 1,
+            "max_p95_ratio": None if version == VERSIONS[0] else 1.5,
+            "max_error_rate": None,
+        },
     }
     response = client.post("/api/v1/rollouts", json=body)
     if response.status_code != 201:
@@ -309,12 +273,29 @@ def run_demo(options: DemoOptions) -> dict[str, Any]:
             for version in VERSIONS:
                 bundle = work / "releases" / f"cnn-{version}.bundle"
                 client.post("/api/v1/releases", content=bundle.read_bytes()).raise_for_status()
-            devices = [f"demo-{i:03d}" for i in range(1, options.devices + 1)]
+            sim = Simulation(
+                SimulationOptions(
+                    fleet_url=url,
+                    token=os.environ[ADMIN_TOKEN_ENV],
+                    broker=f"mqtts://127.0.0.1:{broker_port}",
+                    devices=options.devices,
+                    work_dir=work / "devices",
+                    profiles=parse_profiles(DEFAULT_PROFILES),
+                    model_faults=parse_faults(BAD_V3)[0],
+                    prefix="demo",
+                    probation_s=2.0,
+                    telemetry_interval_s=1.0,
+                    infer_interval_s=0.5,
+                )
+            )
+            devices = [d.device_id for d in sim.devices]
             try:
-                for device in devices:
-                    creds = client.post(f"/api/v1/devices/{device}/enroll").json()
-                    options.processes.append(_start_agent(work, device, creds, broker_port))
-                say(f"{len(devices)} devices enrolled, each running the real agent")
+                sim.start()
+                classes = ", ".join(
+                    f"{n} {p}"
+                    for p, n in sorted(Counter(d.profile.name for d in sim.devices).items())
+                )
+                say(f"{len(devices)} virtual devices, each running the real agent: {classes}")
                 _wait(
                     lambda: (
                         sum(d["online"] for d in client.get("/api/v1/devices").json())
@@ -343,6 +324,12 @@ def run_demo(options: DemoOptions) -> dict[str, Any]:
                     "devices": len(devices),
                     "fleet_url": url,
                     "rollouts": [_summary(doc, events) for doc in docs],
+                    "device_versions": dict(
+                        Counter(
+                            (s["models"].get("cnn") or {}).get("version") or "none"
+                            for s in sim.states()
+                        )
+                    ),
                 }
                 for r in summary["rollouts"]:
                     say(
@@ -351,17 +338,11 @@ def run_demo(options: DemoOptions) -> dict[str, Any]:
                         f"{r['ever_ran']} ever ran it"
                     )
                 if not (options.headless or options.as_json):
-                    say(f"running: {url}/docs  (Ctrl-C to stop)")
+                    say(f"running: console at {url}/ , API docs at {url}/docs  (Ctrl-C to stop)")
                     stop = threading.Event()
                     signal.signal(signal.SIGINT, lambda *_: stop.set())
                     stop.wait()
                 return summary
             finally:
-                for process in options.processes:
-                    process.terminate()
-                for process in options.processes:
-                    try:
-                        process.wait(15)
-                    except subprocess.TimeoutExpired:
-                        process.kill()
+                sim.stop()
                 client.close()

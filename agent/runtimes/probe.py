@@ -25,7 +25,13 @@ from agent.runtimes.cache import DecisionCache, cache_key
 from agent.runtimes.inventory import Inventory
 from agent.runtimes.registry import BACKENDS, load_backend
 from agent.runtimes.selection import Decision, Objective, TrialResult, decide, judge
-from agent.runtimes.trial import Measurement, TrialFailedError, TrialSettings, Worker
+from agent.runtimes.trial import (
+    InProcessWorker,
+    Measurement,
+    TrialFailedError,
+    TrialSettings,
+    Worker,
+)
 from shared.manifest import Manifest
 
 __all__ = ["ProbeReport", "plan_candidates", "probe_model", "runtime_versions"]
@@ -131,7 +137,7 @@ def _retime_contenders(
     results: list[TrialResult],
     *,
     planned: list[tuple[str, Candidate]],
-    workers: Mapping[str, Worker],
+    workers: Mapping[str, Worker | InProcessWorker],
     model_root: Path,
     manifest_data: dict[str, Any],
     settings: TrialSettings,
@@ -195,8 +201,12 @@ def probe_model(
     backends: Mapping[str, str] = BACKENDS,
     settings: TrialSettings | None = None,
     progress: Progress | None = None,
+    isolate: bool = True,
 ) -> ProbeReport:
     """Decide which runtime, device and settings run ``manifest``'s model best on this device.
+
+    ``isolate=False`` runs the trials in this process (simulated devices only: a crash or a hang
+    would then take the caller down).
 
     Raises:
         NoRuntimeError: no candidate loads and passes the accuracy check.
@@ -214,7 +224,8 @@ def probe_model(
     if cache is not None and (cached := cache.load(key)) is not None:
         return ProbeReport(inventory, [], cached, from_cache=True, cache_key=key)
 
-    workers = {name: Worker(path) for name, path in backends.items()}
+    make_worker = Worker if isolate else InProcessWorker
+    workers = {name: make_worker(path) for name, path in backends.items()}
     try:
         statuses = {}
         for name, worker in workers.items():

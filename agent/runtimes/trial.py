@@ -27,7 +27,7 @@ from agent.runtimes.base import Candidate, LoadedModel, RuntimeStatus
 from agent.runtimes.registry import load_backend
 from shared.manifest import Manifest, TensorSpec
 
-__all__ = ["Measurement", "TrialSettings", "Worker", "measure"]
+__all__ = ["InProcessWorker", "Measurement", "TrialSettings", "Worker", "measure", "run_job"]
 
 
 @dataclass(frozen=True)
@@ -222,6 +222,26 @@ def _retime(
     return float(np.median(samples))
 
 
+def run_job(job: dict[str, Any], loaded: dict[str, LoadedModel]) -> dict[str, Any]:
+    """Answer one status, trial or re-timing job (``loaded`` keeps models between re-timings)."""
+    if job["kind"] == "status":
+        return load_backend(job["backend"]).status().to_dict()
+    manifest = Manifest.model_validate(job["manifest"])
+    candidate = Candidate.from_dict(job["candidate"])
+    if job["kind"] == "retime":
+        p50 = _retime(
+            Path(job["model_root"]),
+            manifest,
+            candidate=candidate,
+            backend_path=job["backend"],
+            runs=int(job["runs"]),
+            loaded=loaded,
+        )
+        return {"p50_ms": p50}
+    settings = TrialSettings(**job["settings"])
+    return measure(Path(job["model_root"]), manifest, candidate, job["backend"], settings).to_dict()
+
+
 def _serve(conn: Connection) -> None:
     """The worker loop: status, trial and re-timing jobs in, plain dicts out."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
@@ -233,26 +253,7 @@ def _serve(conn: Connection) -> None:
             return
         if job is None:
             return
-        if job["kind"] == "status":
-            status = load_backend(job["backend"]).status()
-            conn.send(status.to_dict())
-            continue
-        manifest = Manifest.model_validate(job["manifest"])
-        candidate = Candidate.from_dict(job["candidate"])
-        if job["kind"] == "retime":
-            p50 = _retime(
-                Path(job["model_root"]),
-                manifest,
-                candidate=candidate,
-                backend_path=job["backend"],
-                runs=int(job["runs"]),
-                loaded=loaded,
-            )
-            conn.send({"p50_ms": p50})
-            continue
-        settings = TrialSettings(**job["settings"])
-        result = measure(Path(job["model_root"]), manifest, candidate, job["backend"], settings)
-        conn.send(result.to_dict())
+        conn.send(run_job(job, loaded))
 
 
 # -- parent side ---------------------------------------------------------------------------------
@@ -337,3 +338,29 @@ class Worker:
             except (OSError, BrokenPipeError):
                 pass
         self._kill()
+
+
+class InProcessWorker:
+    """Runs jobs in the calling thread: no isolation and no time limit.
+
+    For simulated devices, whose backends are plain Python and trusted; a real device always
+    uses :class:`Worker`.
+    """
+
+    def __init__(self, backend_path: str) -> None:
+        self.backend_path = backend_path
+        self._loaded: dict[str, LoadedModel] = {}
+
+    def call(self, job: dict[str, Any], timeout_s: float) -> dict[str, Any]:
+        try:
+            return run_job({**job, "backend": self.backend_path}, self._loaded)
+        except Exception as e:  # the same contract as a crashed worker: reject the candidate
+            raise TrialFailedError(f"runtime failed ({e})") from e
+
+    def status(self, timeout_s: float = 60.0) -> RuntimeStatus:
+        return RuntimeStatus.from_dict(self.call({"kind": "status"}, timeout_s))
+
+    def close(self) -> None:
+        for model in self._loaded.values():
+            model.close()
+        self._loaded.clear()

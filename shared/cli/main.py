@@ -14,6 +14,7 @@ from fleet import cli as fleet_cli
 from shared.cli import bundle, demo, keys, models
 from shared.cli.common import fail
 from shared.errors import EdgefleetError, UsageError
+from simulators import cli as sim_cli
 
 __all__ = ["app", "main"]
 
@@ -32,6 +33,7 @@ app.add_typer(fleet_cli.fleet_app, name="fleet")
 app.add_typer(fleet_cli.release_app, name="release")
 app.add_typer(fleet_cli.device_app, name="device")
 app.add_typer(fleet_cli.rollout_app, name="rollout")
+app.add_typer(sim_cli.app, name="sim")
 app.command("demo")(demo.demo)
 
 

@@ -27,7 +27,7 @@ def test_demo_tells_the_whole_story(tmp_path):
             "demo",
             "--json",
             "--devices",
-            "2",
+            "12",
             "--work-dir",
             str(tmp_path / "demo"),
             "--port",
@@ -40,14 +40,18 @@ def test_demo_tells_the_whole_story(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads(proc.stdout)
-    assert summary["devices"] == 2
+    assert summary["devices"] == 12
     by_version = {r["version"]: r for r in summary["rollouts"]}
     assert by_version["1.0.0"]["state"] == "completed"
-    assert by_version["1.0.0"]["devices_updated"] == 2
+    assert by_version["1.0.0"]["devices_updated"] == 12
     assert by_version["2.0.0"]["state"] == "completed"
     assert by_version["2.0.0"]["stages_reached"] == 2
     bad = by_version["3.0.0"]
     assert bad["state"] == "halted"
     assert bad["stages_reached"] == 1
-    assert bad["devices_failed"] == {"self_test": bad["devices_failed"]["self_test"]}
-    assert bad["ever_ran"] == 0  # the gate stopped it before any device ran it
+    # v3 breaks on the arm-npu class (its self-test refuses it there); the first stage covers
+    # every class, so the gate halts it there, and only first-stage devices ever ran it.
+    assert bad["devices_failed"].get("self_test", 0) >= 1
+    assert 0 < bad["ever_ran"] <= 12 * 0.34 + 3
+    # ...and every one of them was reverted: all devices, by their own data, run v2.
+    assert summary["device_versions"] == {"2.0.0": 12}
