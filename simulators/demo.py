@@ -42,7 +42,7 @@ from shared.trust import sign_release
 from simulators.hardware import DEFAULT_PROFILES, parse_profiles
 from simulators.virtual import Simulation, SimulationOptions, parse_faults
 
-__all__ = ["DemoOptions", "run_demo"]
+__all__ = ["DemoOptions", "make_releases", "run_broker", "run_demo", "run_fleet"]
 
 VERSIONS = ("1.0.0", "2.0.0", "3.0.0")
 # How v3 misbehaves on the simulated hardware (see the module docstring).
@@ -66,7 +66,8 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _make_releases(work: Path) -> Path:
+def make_releases(work: Path) -> Path:
+    """Keys and the signed cnn 1.0.0, 2.0.0 and 3.0.0 bundles under ``work/releases``."""
     from shared.example_models import write_example
 
     keys = KeyStore.create(work / "keys", now=datetime.now(UTC))
@@ -86,7 +87,8 @@ def _make_releases(work: Path) -> Path:
 
 
 @contextmanager
-def _broker(work: Path) -> Iterator[tuple[int, Path]]:
+def run_broker(work: Path) -> Iterator[tuple[int, Path]]:
+    """A TLS mosquitto with per-device ACLs for a fleet under ``work``; yields (port, CA file)."""
     from fleet.broker_config import BrokerConfig, write_broker_config
     from fleet.pki import DeviceCA
 
@@ -133,7 +135,16 @@ def _broker(work: Path) -> Iterator[tuple[int, Path]]:
 
 
 @contextmanager
-def _fleet(work: Path, keys: Path, broker_port: int, ca: Path, port: int) -> Iterator[str]:
+def run_fleet(
+    work: Path,
+    keys: Path,
+    broker_port: int,
+    ca: Path,
+    port: int,
+    *,
+    database_url: str | None = None,
+) -> Iterator[str]:
+    """The fleet service in this process (SQLite under ``work`` by default); yields its URL."""
     import uvicorn
 
     from fleet.app import create_app
@@ -157,6 +168,7 @@ def _fleet(work: Path, keys: Path, broker_port: int, ca: Path, port: int) -> Ite
         host="127.0.0.1",
         port=port,
         rollout_tick_s=0.5,
+        db=database_url,
         ingest_flush_s=0.1,
         max_message_bytes=256 * 1024,
     )
@@ -259,11 +271,11 @@ def run_demo(options: DemoOptions) -> dict[str, Any]:
     work.mkdir(parents=True)
     say = (lambda msg: None) if options.as_json else console.print
     say("[bold]edgefleet demo[/]: building the example model and three signed releases")
-    keys = _make_releases(work)
+    keys = make_releases(work)
     os.environ.setdefault(ADMIN_TOKEN_ENV, "demo-admin-" + os.urandom(8).hex())
-    with _broker(work) as (broker_port, ca):
+    with run_broker(work) as (broker_port, ca):
         say(f"broker: mosquitto with TLS and per-device ACLs on 127.0.0.1:{broker_port}")
-        with _fleet(work, keys, broker_port, ca, options.port) as url:
+        with run_fleet(work, keys, broker_port, ca, options.port) as url:
             say(f"fleet service: {url} (API docs at {url}/docs); token in ${ADMIN_TOKEN_ENV}")
             client = httpx.Client(
                 base_url=url,
