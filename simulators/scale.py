@@ -38,10 +38,15 @@ slower elsewhere: the first gate must halt it and revert every device that ran i
 Where the simulation is coarse, on purpose, to run 100,000 devices in under a minute:
 
 - *Engine tick.* The service steps every ``rollout_tick_s`` (1 s); here the engine is stepped every
-  ``engine_tick_s`` (60 s) of simulated time, and a tick is skipped when nothing arrived since
+  ``engine_tick_s`` (120 s) of simulated time: a step over 100,000 devices takes about 0.1 s,
+  so the number of steps is what the run costs. An order therefore waits up to one tick, and a
+  freed slot up to one tick before it is used again. A tick is skipped when nothing arrived since
   the last step and none of the engine's timers (time-outs, retries, re-sent reverts, the end of
   a soak) fell due: such a step would change nothing. ``skip_idle_ticks=False`` steps at every
   tick; the tests check that both give the same rollout.
+- *Garbage collection.* Python's cyclic collector is off during a run: a run makes no reference
+  cycles (``gc.collect()`` after one finds nothing), so the collector would only walk the
+  million live objects again and again.
 - *Chunks.* A bundle of ``bundle_mb`` is cut into ``chunks`` chunks (4 by default, not the
   256 KiB of real bundles), and every byte handed to the transfer stands for
   ``chunk size / 1024`` modelled bytes; the transfer's byte-rate floor is scaled by the same
@@ -270,7 +275,14 @@ class _Run:
         self.finished = ""
         self.counts: Counter[str] = Counter()
         self.switched_at: dict[int, float] = {}  # device -> when it committed the new version
-        self.handlers: dict[int, Callable[[SimDevice, Any], None]] = {
+        self.assigned: dict[str, int] = {}  # device -> its stage at the first step
+        self.first_failure_at: float | None = None  # the fleet hears of a failure of the version
+
+    # -- the loop --------------------------------------------------------------------------------
+
+    def run(self) -> None:
+        self._set_up()
+        handlers: dict[int, Callable[[SimDevice, Any], None]] = {  # local: no reference cycle
             _ORDER: self._on_order,
             _FETCH: self._on_fetch,
             _WIRE: self._on_wire,
@@ -284,13 +296,7 @@ class _Run:
             _WILL: self._on_will,
             _ENROLL: self._on_enroll,
         }
-
-    # -- the loop --------------------------------------------------------------------------------
-
-    def run(self) -> None:
-        self._set_up()
-        heap, handlers, horizon = self.heap, self.handlers, self.config.horizon_s
-        devices = self.devices
+        heap, horizon, devices = self.heap, self.config.horizon_s, self.devices
         while heap and not self.finished:
             t, _, kind, i, arg = heapq.heappop(heap)
             if t > horizon:
@@ -366,7 +372,9 @@ class _Run:
         )
         seconds = time.perf_counter() - started
         self.step_seconds.append(seconds)
-        self.rollout = result.rollout
+        before, self.rollout = self.rollout, result.rollout
+        if not self.assigned:  # the stage each device was assigned to (Rule 1)
+            self.assigned = {did: p.stage for did, p in self.rollout.progress.items()}
         self.last_step_at, self.next_timer, self.views_changed = self.now, None, False
         for action in result.actions:
             if isinstance(action, Dispatch | Revert):
@@ -375,7 +383,7 @@ class _Run:
                     self._send_order(self.devices[self.index[action.device_id]], version)
             elif isinstance(action, GateDecision):
                 self.gate_step_seconds.append(seconds)
-                self._record_gate(action)
+                self._record_gate(action, before)
             elif isinstance(action, StateChanged):
                 if action.new is not action.old:
                     self.state_at.setdefault(action.new.value, self.now)
@@ -388,6 +396,12 @@ class _Run:
         for _, _, kind, i, payload in sorted(self.inbox.pop(self.tick, ())):
             if kind == _UP_EVENT:
                 events.append(engine_event(payload))
+                if (
+                    self.first_failure_at is None
+                    and payload.phase in ("failed", "rolled_back")
+                    and payload.version == self.release.version
+                ):
+                    self.first_failure_at = self.now
             elif kind == _UP_STATE:
                 self._record_state(i, *payload)
             elif kind == _UP_TELEMETRY:
@@ -440,7 +454,7 @@ class _Run:
         else:
             dev.commands.append(version)
 
-    def _record_gate(self, d: GateDecision) -> None:
+    def _record_gate(self, d: GateDecision, before: Rollout) -> None:
         figures: dict[str, Any] = dict(d.figures)
         install, latency = figures.get("install", {}), figures.get("latency", {})
         self.gates.append(
@@ -454,8 +468,22 @@ class _Run:
                 "p95_ratio": latency.get("p95_ratio"),
                 "crash_rate": figures.get("crash", {}).get("rate"),
                 "reason": d.reason[:300],
+                **self._cohort_timing(d.stage, before),
             }
         )
+
+    def _cohort_timing(self, stage: int, before: Rollout) -> dict[str, Any]:
+        """Why a gate came when it did: its soak runs from the cohort's last report (``before``
+        the deciding step), and devices that joined the stage from elsewhere (newly enrolled, or
+        left pending in an earlier stage while offline) report late."""
+        last, joined = self.stage_starts.get(stage, 0.0), 0
+        for did, p in before.progress.items():
+            if p.stage != stage or not p.attempts:
+                continue
+            if p.state is _SUCCEEDED or p.state is _FAILED:
+                last = max(last, p.updated_at)
+            joined += self.assigned.get(did) != stage
+        return {"last_cohort_report_at_s": round(last, 1), "joined_from_elsewhere": joined}
 
     def _check_finished(self) -> None:
         state = self.rollout.state
@@ -880,7 +908,7 @@ def simulate(config: ScaleConfig, release: Release) -> dict[str, Any]:
     """Run one rollout of ``release`` over the fleet of ``config``; return its report."""
     started = time.perf_counter()
     collecting = gc.isenabled()
-    gc.disable()  # the run makes no garbage cycles worth a collector pass over 10^6 objects
+    gc.disable()  # a run makes no reference cycles: see the module docstring
     try:
         run = _Run(config, release)
         run.run()
@@ -898,6 +926,7 @@ def simulate(config: ScaleConfig, release: Release) -> dict[str, Any]:
             "finished_at_s": round(run.now, 1),
             "completed_at_s": run.state_at.get("completed"),
             "halted_at_s": run.state_at.get("halted"),
+            "first_failure_reported_at_s": run.first_failure_at,
             "stages": _stages(run),
         },
         "devices": _devices(run),
@@ -975,49 +1004,68 @@ def _minutes(seconds: float | None) -> str:
     return "-" if seconds is None else f"{seconds / 60:.1f} min"
 
 
+def _scenario_lines(name: str, r: dict[str, Any]) -> list[str]:
+    sim, dev, blast, eng = r["simulated"], r["devices"], r["blast_radius"], r["engine"]
+    version = r["version"]
+    lines = [
+        f"[{name}] {version}: rollout {r['state']} after {r['stages_reached']} stage(s); "
+        f"simulation done at {_minutes(sim['finished_at_s'])}; real {r['real_seconds']:.1f} s"
+    ]
+    gates = {g["stage"]: g for g in r["gates"]}
+    for st in sim["stages"]:
+        g = gates.get(st["stage"])
+        if st["started_at_s"] is None or g is None:
+            continue
+        lines.append(
+            f"  stage {st['stage']} ({st['percent']:g}%): {_minutes(st['started_at_s'])} -> "
+            f"gate {g['verdict']} at {_minutes(g['at_s'])}; cohort {g['cohort']:,} "
+            f"({g['joined_from_elsewhere']} joined from elsewhere), last report "
+            f"{_minutes(g['last_cohort_report_at_s'])}"
+        )
+        if g["verdict"] != "pass":
+            lines.append(f"    {g['reason']}")
+    if r["state"] == "completed":
+        late = dev["offline_at_start"], dev["enrolled_mid_rollout"], dev["with_an_outage"]
+        lines.append(
+            f"  devices: {dev['on_new_version']:,} of {dev['reachable']:,} reachable run "
+            f"{version} ({dev['never_online']} never came online); not: "
+            f"{dev['not_on_new_version']}; updated after the last gate: "
+            f"{dev['updated_after_completion']}"
+        )
+        lines.append(
+            "  caught up: offline at start {}/{}, enrolled late {}/{}, with an outage {}/{}".format(
+                *(x for g in late for x in (g["on_new_version"], g["came_online"]))
+            )
+        )
+    else:
+        lines.append(
+            f"  blast radius: {blast['ever_ran']:,} devices ran {version} "
+            f"({blast['outside_first_stage']} outside stage 0; {blast['still_running']} still "
+            f"run it; engine states {blast['by_engine_state']}); first failure reported at "
+            f"{_minutes(sim['first_failure_reported_at_s'])}, halted at "
+            f"{_minutes(sim['halted_at_s'])}"
+        )
+    step_ms = eng["step_ms"]
+    lines.append(
+        f"  engine: {eng['steps']} steps ({eng['ticks_skipped']} idle ticks skipped); step "
+        f"p50 {step_ms['p50']:.1f} ms, p95 {step_ms['p95']:.1f} ms, max {step_ms['max']:.1f} ms; "
+        f"{eng['seconds']:.1f} s of {r['real_seconds']:.1f} s in the engine"
+    )
+    lines.append(f"  faults: {', '.join(f'{k} {v}' for k, v in r['faults'].items())}")
+    return lines
+
+
 def format_report(report: dict[str, Any]) -> str:
     """The report as lines of text."""
     s = report["settings"]
     lines = [
-        f"{s['devices']:,} devices, seed {s['seed']}, bundle {s['bundle_mb']:g} MB in "
-        f"{s['chunks']} chunks, stages {s['stages_percent']} %, soak {s['soak_s']:g} s, "
-        f"max_in_flight {s['max_in_flight']}, engine tick {s['engine_tick_s']:g} s"
+        f"{s['devices']:,} devices, seed {s['seed']}; bundle {s['bundle_mb']:g} MB in "
+        f"{s['chunks']} chunks; stages {s['stages_percent']} %, soak {s['soak_s']:g} s, "
+        f"max_in_flight {s['max_in_flight']:,}; engine tick {s['engine_tick_s']:g} s"
     ]
     for name, r in report["scenarios"].items():
-        sim, dev, blast, eng = r["simulated"], r["devices"], r["blast_radius"], r["engine"]
         lines.append("")
-        lines.append(
-            f"[{name}] {r['version']}: {r['outcome']} at {_minutes(sim['finished_at_s'])} "
-            f"(rollout {r['state']}, stages reached {r['stages_reached']}); "
-            f"real {r['real_seconds']:.1f} s"
-        )
-        for st in sim["stages"]:
-            if st["started_at_s"] is not None:
-                lines.append(
-                    f"  stage {st['stage']} ({st['percent']:g}%): started "
-                    f"{_minutes(st['started_at_s'])}, gate {st['verdict'] or '-'} at "
-                    f"{_minutes(st['gate_at_s'])}, cohort {st['cohort']}"
-                )
-        for g in r["gates"]:
-            if g["verdict"] != "pass":
-                lines.append(f"  gate {g['stage']} {g['verdict']}: {g['reason']}")
-        lines.append(
-            f"  devices: {dev['on_new_version']:,} of {dev['reachable']:,} reachable on "
-            f"{r['version']} ({dev['never_online']} never online); others: "
-            f"{dev['not_on_new_version']}"
-        )
-        lines.append(
-            f"  blast radius: {blast['ever_ran']:,} ran {r['version']} "
-            f"({blast['outside_first_stage']} outside stage 0, {blast['still_running']:,} still "
-            f"run it; preview said {blast['preview_blast_radius']:,})"
-        )
-        step_ms = eng["step_ms"]
-        lines.append(
-            f"  engine: {eng['steps']} steps ({eng['ticks_skipped']} idle ticks skipped), step "
-            f"p50 {step_ms['p50']:.1f} ms, p95 {step_ms['p95']:.1f} ms, max "
-            f"{step_ms['max']:.1f} ms; {eng['seconds']:.1f} s in the engine"
-        )
-        lines.append(f"  faults: {r['faults']}")
+        lines.extend(_scenario_lines(name, r))
     lines.append("")
     lines.append(f"total real time {report['real_seconds']:.1f} s")
     return "\n".join(lines)

@@ -100,10 +100,10 @@ class NetworkFaults:
     flaky_chunk_loss_rate: float = 0.15  # ... lose this share of their chunks
     corrupt_chunk_rate: float = 0.001  # a chunk that arrives with wrong bytes (sha256 mismatch)
     offline_at_start_share: float = 0.03  # offline when the rollout starts ...
-    offline_return_s: tuple[float, float] = (600.0, 4 * 3600.0)  # ... and back uniformly within
+    offline_return_s: tuple[float, float] = (600.0, 2 * 3600.0)  # ... and back uniformly within
     unreachable_share: float = 0.002  # offline when it starts and never back
     outage_share: float = 0.03  # devices with one outage during the run ...
-    outage_window_s: float = 3 * 3600.0  # ... starting uniformly within this ...
+    outage_window_s: float = 2 * 3600.0  # ... starting uniformly within this ...
     outage_mean_s: float = 1200.0  # ... lasting exponentially this long on average
     newcomer_share: float = 0.01  # devices that enroll while the rollout runs ...
     newcomer_window_s: float = 2 * 3600.0  # ... uniformly within this
@@ -123,7 +123,7 @@ class ScaleConfig:
     soak_s: float = 600.0  # the fleet service's default soak
     max_in_flight: int | None = None  # None: 5% of the fleet, at least 100
     device_timeout_s: float = 3600.0
-    engine_tick_s: float = 60.0  # the engine is stepped at most this often (simulated)
+    engine_tick_s: float = 120.0  # the engine is stepped at most this often (simulated)
     skip_idle_ticks: bool = True  # no step when nothing arrived and no engine timer is due
     transfer_tick_s: float = 10.0  # Tick events to a download, at most this far apart
     probation_s: float = 30.0  # the agent's default
