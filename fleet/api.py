@@ -41,7 +41,20 @@ from shared.errors import EdgefleetError
 
 __all__ = ["router"]
 
-router = APIRouter(prefix="/api/v1")
+
+class Problem(BaseModel):
+    """An error answer. ``detail`` is one sentence when the service refuses a request, and a
+    list of problems (FastAPI's format) when the request does not match its declared shape."""
+
+    detail: str | list[dict[str, Any]]
+
+
+def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
+    return {code: {"model": Problem} for code in codes}
+
+
+# Every endpoint needs a token (401, 403) and may refuse input (422).
+router = APIRouter(prefix="/api/v1", responses=_errors(401, 403, 422))
 ROLE_RANK = {"viewer": 0, "operator": 1, "admin": 2}
 TOKEN_CACHE_S = 5.0
 DEFAULT_PAGE = 100
@@ -223,7 +236,7 @@ def list_devices(
     return Response(body, media_type="application/json", headers=headers)
 
 
-@router.get("/devices/{device_id}")
+@router.get("/devices/{device_id}", responses=_errors(404))
 def show_device(device_id: str, session: SessionDep, _: Viewer) -> dict[str, Any]:
     device = session.get(Device, device_id)
     if device is None:
@@ -251,7 +264,12 @@ def list_releases(session: SessionDep, _: Viewer) -> list[Release]:
     return crud.releases(session)
 
 
-@router.post("/releases", response_model=ReleaseOut, status_code=status.HTTP_201_CREATED)
+@router.post(
+    "/releases",
+    response_model=ReleaseOut,
+    status_code=status.HTTP_201_CREATED,
+    responses=_errors(409, 413),
+)
 async def upload_release(request: Request, token: Operator) -> Release:
     """Upload a signed bundle (the raw file as the request body)."""
     settings = request.app.state.settings
@@ -310,7 +328,7 @@ class TokenIn(BaseModel):
     role: str
 
 
-@router.post("/tokens", status_code=status.HTTP_201_CREATED)
+@router.post("/tokens", status_code=status.HTTP_201_CREATED, responses=_errors(409))
 def create_token(body: TokenIn, session: SessionDep, token: Admin) -> dict[str, str]:
     if body.role not in crud.ROLES:
         raise HTTPException(
@@ -405,21 +423,21 @@ def _rollout(session: Session, rollout_id: str) -> Any:
     return record
 
 
-@router.get("/rollouts/{rollout_id}")
+@router.get("/rollouts/{rollout_id}", responses=_errors(404))
 def rollout_status(
     rollout_id: str, request: Request, session: SessionDep, _: Viewer
 ) -> dict[str, Any]:
     return dict(_service(request).status(session, _rollout(session, rollout_id)))
 
 
-@router.get("/rollouts/{rollout_id}/preview")
+@router.get("/rollouts/{rollout_id}/preview", responses=_errors(404))
 def rollout_preview(
     rollout_id: str, request: Request, session: SessionDep, _: Viewer
 ) -> dict[str, Any]:
     return dict(_service(request).preview(session, _rollout(session, rollout_id)))
 
 
-@router.post("/rollouts/{rollout_id}/{action}")
+@router.post("/rollouts/{rollout_id}/{action}", responses=_errors(404, 409))
 def rollout_action(
     rollout_id: str,
     action: str,
