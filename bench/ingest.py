@@ -395,6 +395,7 @@ def measure_e2e(
     child = start_publisher(port, messages, devices, publishers)
     log(f"publishing {messages} messages from {publishers} connections...")
     cpu0 = os.times()
+    threads0 = thread_cpu_s()
     started = go(child)
     seen = 0
     timeline: list[tuple[float, int]] = []
@@ -405,6 +406,7 @@ def measure_e2e(
         time.sleep(POLL_S)
     seconds = time.perf_counter() - started
     cpu1 = os.times()
+    threads1 = thread_cpu_s()
     pub = json.loads(child.stdout.readline())
     child.wait(30)
     batch_sum1 = _hist(BATCH_SECONDS)
@@ -418,11 +420,33 @@ def measure_e2e(
         "publish_acked_s": pub["acked_s"],
         "publisher_cpu_s": pub["cpu_s"],
         "bridge_process_cpu_s": (cpu1.user + cpu1.system) - (cpu0.user + cpu0.system),
+        # paho's network thread, the bridge's parsing and storing threads
+        "thread_cpu_s": {
+            name: round(cpu - threads0.get(name, 0.0), 2)
+            for name, cpu in threads1.items()
+            if name.startswith(("paho", "fleet-ingest", "fleet-store"))
+        },
         "batches": batch_sum1[0] - batch_sum0[0],
         "batch_store_s": batch_sum1[1] - batch_sum0[1],
         "complete": stored >= messages,
         "timeline": [(round(t, 2), n) for t, n in timeline[:: max(1, len(timeline) // 20)]],
     }
+
+
+def thread_cpu_s() -> dict[str, float]:
+    """CPU seconds (user + system) used so far by each thread of this process, by name."""
+    import threading
+
+    tick = os.sysconf("SC_CLK_TCK")
+    out = {}
+    for thread in threading.enumerate():
+        try:
+            with open(f"/proc/self/task/{thread.native_id}/stat", encoding="ascii") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        out[thread.name] = (int(fields[11]) + int(fields[12])) / tick
+    return out
 
 
 def _hist(histogram: Any) -> tuple[float, float]:
@@ -629,6 +653,11 @@ def print_report(report: dict[str, Any]) -> None:
         f"process CPU {e2e['bridge_process_cpu_s']:.1f} s; {e2e['batches']:.0f} batches stored "
         f"in {e2e['batch_store_s']:.2f} s"
     )
+    per_thread = ", ".join(
+        f"{name.split('-client-')[0]} {cpu:.2f} s ({cpu * 1e6 / e2e['messages']:.0f} µs/message)"
+        for name, cpu in e2e["thread_cpu_s"].items()
+    )
+    console.print(f"bridge threads' CPU: {per_thread}")
     prof = report["profile"]
     ptable = Table(title=f"bridge steps, in process ({prof['messages']} messages)")
     ptable.add_column("step")
