@@ -15,13 +15,16 @@ default) it:
   back (closed loop, no think time) for ``--duration`` seconds after ``--warmup`` seconds. The
   client is a minimal asyncio HTTP/1.1 client (much less CPU per request than httpx, which
   matters when client and server share the machine). Every response is checked (status 200,
-  Content-Length body; the first one is parsed and its length checked).
-- Two cases: ``limit=100``, the page a console shows (the goal applies to it), and
-  ``limit=10000``, the whole fleet in one response (reported, heavier). Each case is also run
-  with a single client for ``--single-s`` seconds (latency without queueing).
-- The limit: the two SQL queries the endpoint runs for the same page (devices ordered by id with
-  LIMIT, then their ``devicemodel`` rows by ``device_id IN (...)``), with SQLAlchemy Core on the
-  same database, sequentially, no HTTP and no ORM objects.
+  Content-Length body; the first answer is checked for the expected number of devices).
+- Two cases: ``limit=100``, the page a console shows (the goal applies to it), and the whole
+  fleet, page after page of the largest page (``limit=1000``) following each ``Link: rel="next"``
+  header, as ``edgefleet device list`` does (reported; a latency sample is a whole walk, and
+  under load each client walks once, all at the same time). Each case is also run with a
+  single client for ``--single-s`` seconds (latency without queueing).
+- The limit: the two SQL queries the endpoint runs for the same page (the listed columns of the
+  devices ordered by id with LIMIT, then their ``devicemodel`` rows by ``device_id IN (...)``),
+  for every page in the whole-fleet case, with SQLAlchemy Core on one connection, sequentially,
+  no HTTP.
 
 The server's CPU time during the load (``utime + stime`` from ``/proc``) is reported too: a figure
 near 1.0 core means the single service process is CPU bound.
@@ -52,6 +55,8 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 GOAL_P99_MS = 100.0
 TOKEN = "ef_bench-api-token-not-a-secret-0123456789"
+PAGE_CASE = "page"  # one page of --page devices: the goal applies here
+WALK_CASE = "every page"  # the whole fleet, page after page of MAX_PAGE, following the Link
 DEFAULT_PG = "postgresql+psycopg://postgres@127.0.0.1:5432"
 
 
@@ -84,45 +89,69 @@ def serve_main(spec: str) -> None:
 
 async def _request(
     reader: asyncio.StreamReader, writer: asyncio.StreamWriter, raw: bytes
-) -> tuple[int, bytes]:
+) -> tuple[int, str | None, bytes]:
+    """Send one request; return the status, the ``rel="next"`` link if any, and the body."""
     writer.write(raw)
     head = await reader.readuntil(b"\r\n\r\n")
     lines = head.decode("latin-1").split("\r\n")
     status = int(lines[0].split(" ", 2)[1])
     length = None
+    following = None
     for line in lines[1:]:
         name, _, value = line.partition(":")
-        if name.strip().lower() == "content-length":
+        name = name.strip().lower()
+        if name == "content-length":
             length = int(value)
+        elif name == "link" and 'rel="next"' in value:
+            following = value.strip().partition(">")[0].removeprefix("<")
     if length is None:
         raise RuntimeError(f"no Content-Length in the response: {head!r}")
     body = await reader.readexactly(length)
-    return status, body
+    return status, following, body
+
+
+def _get(path: str, port: int, token: str) -> bytes:
+    return (
+        f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+        f"Authorization: Bearer {token}\r\nAccept: application/json\r\n\r\n"
+    ).encode()
+
+
+async def _walk(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, args: dict[str, Any]
+) -> tuple[int, int, int]:
+    """GET the first page, and with ``walk`` every next page too, as a client of the API would.
+
+    Returns the worst status, the number of devices and the number of body bytes."""
+    path: str | None = f"/api/v1/devices?limit={args['limit']}"
+    worst = items = size = 0
+    while path is not None:
+        status, following, body = await _request(
+            reader, writer, _get(path, args["port"], args["token"])
+        )
+        worst = max(worst, status)
+        size += len(body)
+        items += body.count(b'"id":')
+        path = following if args["walk"] and status == 200 else None
+    return worst, items, size
 
 
 async def _load(args: dict[str, Any]) -> dict[str, Any]:
-    port, clients, limit = args["port"], args["clients"], args["limit"]
-    raw = (
-        f"GET /api/v1/devices?limit={limit} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
-        f"Authorization: Bearer {args['token']}\r\nAccept: application/json\r\n\r\n"
-    ).encode()
-    conns = [await asyncio.open_connection("127.0.0.1", port) for _ in range(clients)]
+    clients, limit = args["clients"], args["limit"]
+    conns = [await asyncio.open_connection("127.0.0.1", args["port"]) for _ in range(clients)]
     for _, writer in conns:
         sock = writer.get_extra_info("socket")
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    status, body = await _request(*conns[0], raw)  # check one answer in full
-    if status != 200:
-        raise RuntimeError(f"HTTP {status}: {body[:300]!r}")
-    items = len(json.loads(body))
-    if items != min(limit, args["devices"]):
-        raise RuntimeError(f"expected {min(limit, args['devices'])} devices, got {items}")
+    status, items, body_bytes = await _walk(*conns[0], args)  # check one answer in full
+    expected = args["devices"] if args["walk"] else min(limit, args["devices"])
+    if status != 200 or items != expected:
+        raise RuntimeError(f"expected HTTP 200 and {expected} devices, got {status} and {items}")
     start = time.perf_counter()
     per_client = args.get("per_client")  # fixed requests per client, all measured, no warm-up
     measure_from = start if per_client else start + args["warmup"]
     stop_at = float("inf") if per_client else measure_from + args["duration"]
     latencies: list[float] = []
     errors = 0
-    body_bytes = len(body)
 
     async def client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         nonlocal errors
@@ -132,7 +161,7 @@ async def _load(args: dict[str, Any]) -> dict[str, Any]:
             if t0 >= stop_at or (per_client and done >= per_client):
                 return
             done += 1
-            status, _ = await _request(reader, writer, raw)
+            status, _, _ = await _walk(reader, writer, args)
             if t0 >= measure_from:
                 latencies.append(time.perf_counter() - t0)
                 if status != 200:
@@ -249,25 +278,33 @@ def populate(engine: Any, devices: int) -> None:
         conn.execute(insert(DeviceModel.__table__), models)  # type: ignore[attr-defined]
 
 
-def sql_limit(engine: Any, limit: int, repeat: int) -> dict[str, Any]:
-    """Time the endpoint's two queries for one page with SQLAlchemy Core (the limit)."""
+def sql_limit(engine: Any, limit: int, repeat: int, *, walk: bool = False) -> dict[str, Any]:
+    """Time the endpoint's two queries for one page, or for every page with ``walk``, with
+    SQLAlchemy Core on one connection, sequentially (the limit)."""
     from sqlalchemy import select
 
     from fleet.models import Device, DeviceModel
 
-    device_t = Device.__table__  # type: ignore[attr-defined]
-    model_t = DeviceModel.__table__  # type: ignore[attr-defined]
-    page = select(device_t).order_by(device_t.c.id).offset(0).limit(limit)
+    device = Device.__table__.c  # type: ignore[attr-defined]
+    model = DeviceModel.__table__.c  # type: ignore[attr-defined]
+    columns = (device.id, device.online, device.hardware_class, device.group, device.last_seen)
     times = []
     with engine.connect() as conn:
         for i in range(repeat + 3):
             t0 = time.perf_counter()
-            rows = conn.execute(page).fetchall()
-            ids = [r.id for r in rows]
-            conn.execute(select(model_t).where(model_t.c.device_id.in_(ids))).fetchall()
+            after, rows = "", 0
+            while True:
+                page = select(*columns).where(device.id > after).order_by(device.id).limit(limit)
+                ids = [r.id for r in conn.execute(page)]
+                query = select(model.device_id, model.model, model.version)
+                conn.execute(query.where(model.device_id.in_(ids))).fetchall()
+                rows += len(ids)
+                if not walk or len(ids) < limit:
+                    break
+                after = ids[-1]
             if i >= 3:  # three warm-up rounds
                 times.append(time.perf_counter() - t0)
-    return {"runs": repeat, "rows": len(ids), **_summary_ms(times)}
+    return {"runs": repeat, "rows": rows, **_summary_ms(times)}
 
 
 def run_load(port: int, server_pid: int, **args: Any) -> dict[str, Any]:
@@ -288,6 +325,7 @@ def run_load(port: int, server_pid: int, **args: Any) -> dict[str, Any]:
     return {
         "clients": args["clients"],
         "limit": args["limit"],
+        "walk": args["walk"],
         "requests": n,
         "errors": raw["errors"],
         "requests_per_s": round(n / raw["window_s"], 1),
@@ -317,6 +355,7 @@ def _wait_ready(port: int, proc: subprocess.Popen[bytes], timeout: float = 60) -
 def bench_backend(
     name: str, url: str, tmp: Path, keys: Path, opts: argparse.Namespace, log: Any
 ) -> dict[str, Any]:
+    from fleet.api import MAX_PAGE
     from fleet.db import make_engine
 
     engine = make_engine(url)
@@ -327,8 +366,8 @@ def bench_backend(
         insert_s = time.perf_counter() - t0
         log(f"[{name}] SQL limit (Core queries, sequential)...")
         limits = {
-            str(opts.page): sql_limit(engine, opts.page, 300),
-            str(opts.devices): sql_limit(engine, opts.devices, 20),
+            PAGE_CASE: sql_limit(engine, opts.page, 300),
+            WALK_CASE: sql_limit(engine, MAX_PAGE, 20, walk=True),
         }
     finally:
         engine.dispose()
@@ -343,33 +382,23 @@ def bench_backend(
     try:
         _wait_ready(port, server)
         common = {"devices": opts.devices, "warmup": opts.warmup}
-        for limit in (opts.page, opts.devices):
-            log(f"[{name}] limit={limit}: 1 client for {opts.single_s:g} s...")
-            single = run_load(
-                port, server.pid, clients=1, limit=limit, duration=opts.single_s, **common
-            )
-            if limit == opts.page:
-                log(f"[{name}] limit={limit}: {opts.clients} clients for {opts.duration:g} s...")
-                loaded = run_load(
-                    port,
-                    server.pid,
-                    clients=opts.clients,
-                    limit=limit,
-                    duration=opts.duration,
-                    **common,
-                )
-            else:  # about 1 s of server CPU each: one request per client, all at once
-                log(f"[{name}] limit={limit}: {opts.clients} clients, one request each...")
-                loaded = run_load(
-                    port,
-                    server.pid,
-                    clients=opts.clients,
-                    limit=limit,
-                    duration=0,
-                    per_client=1,
-                    **common,
-                )
-            cases[str(limit)] = {"loaded": loaded, "single": single, "sql": limits[str(limit)]}
+        page = {"limit": opts.page, "walk": False}
+        log(f"[{name}] limit={opts.page}: 1 client for {opts.single_s:g} s...")
+        single = run_load(port, server.pid, clients=1, duration=opts.single_s, **page, **common)
+        log(f"[{name}] limit={opts.page}: {opts.clients} clients for {opts.duration:g} s...")
+        loaded = run_load(
+            port, server.pid, clients=opts.clients, duration=opts.duration, **page, **common
+        )
+        cases[PAGE_CASE] = {"loaded": loaded, "single": single, "sql": limits[PAGE_CASE]}
+
+        walk = {"limit": MAX_PAGE, "walk": True}
+        log(f"[{name}] every page of {MAX_PAGE}: 1 client for {opts.single_s:g} s...")
+        single = run_load(port, server.pid, clients=1, duration=opts.single_s, **walk, **common)
+        log(f"[{name}] every page of {MAX_PAGE}: {opts.clients} clients, one walk each...")
+        loaded = run_load(
+            port, server.pid, clients=opts.clients, duration=0, per_client=1, **walk, **common
+        )
+        cases[WALK_CASE] = {"loaded": loaded, "single": single, "sql": limits[WALK_CASE]}
     finally:
         server.terminate()
         try:
@@ -415,14 +444,15 @@ def run_benchmark(opts: argparse.Namespace, log: Any) -> dict[str, Any]:
                 raise SystemExit(f"unknown database {backend!r} (postgresql, sqlite)")
 
     page = str(opts.page)
-    goal = {r["database"]: r["cases"][page]["loaded"]["latency_ms"]["p99"] for r in results}
+    goal = {r["database"]: r["cases"][PAGE_CASE]["loaded"]["latency_ms"]["p99"] for r in results}
     return {
         "benchmark": "api",
         "command": shlex.join(getattr(sys, "orig_argv", [sys.executable, *sys.argv])),
         "machine": machine_info(),
         "units": {"latency": "ms", "throughput": "requests/s", "cpu": "cores (CPU s per s)"},
-        "request": f"GET /api/v1/devices?limit=N, Authorization: Bearer; N = {page} and "
-        f"{opts.devices}; closed loop, one keep-alive connection per client",
+        "request": f"GET /api/v1/devices?limit={page} (one page), and every page of the whole "
+        "fleet by limit=1000, following each Link header; Authorization: Bearer; closed loop, "
+        "one keep-alive connection per client",
         "devices": opts.devices,
         "clients": opts.clients,
         "duration_s": opts.duration,
@@ -471,7 +501,10 @@ def print_report(report: dict[str, Any]) -> None:
     for col in columns:
         table.add_column(col, justify="left" if col in ("database", "case") else "right")
     for r in report["results"]:
-        for limit, case in r["cases"].items():
+        for case_name, case in r["cases"].items():
+            limit = f"{case['single']['limit']}" + (
+                ", every page" if case_name == WALK_CASE else ""
+            )
             sql = case["sql"]
             table.add_row(
                 r["database"],
@@ -492,7 +525,7 @@ def print_report(report: dict[str, Any]) -> None:
                 s = case[key]
                 label = f"{s['clients']} client" + ("s" if s["clients"] > 1 else "")
                 if s["per_client"]:
-                    label += f", {s['per_client']} req each"
+                    label += ", one walk each" if s["walk"] else f", {s['per_client']} req each"
                 lat = s["latency_ms"]
                 table.add_row(
                     r["database"],
