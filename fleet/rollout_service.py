@@ -402,6 +402,7 @@ class RolloutService:
                     select(RolloutRecord).where(col(RolloutRecord.status).in_(ACTIVE))
                 )
             ]
+            ids += self._converging(session)
         for rollout_id in ids:
             with Session(self.engine) as session:
                 record = self._lock(session, rollout_id)
@@ -411,6 +412,21 @@ class RolloutService:
                 session.commit()
                 stepped += 1
         return stepped
+
+    @staticmethod
+    def _converging(session: Session) -> list[str]:
+        """Completed rollouts that still bring late devices up to date (the engine's Rule 8):
+        for each model, the newest rollout when it is completed. A newer rollout of the model,
+        whatever its state, supersedes it."""
+        newest: dict[str, tuple[str, str]] = {}
+        rows = session.exec(
+            select(RolloutRecord.model, RolloutRecord.id, RolloutRecord.status).order_by(
+                col(RolloutRecord.created_at)
+            )
+        )
+        for model, rollout_id, status in rows:
+            newest[model] = (rollout_id, status)
+        return [rollout_id for rollout_id, status in newest.values() if status == "completed"]
 
     @staticmethod
     def _lock(session: Session, rollout_id: str) -> RolloutRecord | None:

@@ -326,12 +326,12 @@ class Simulation:
         self._lock = threading.Lock()
         self.started_at = 0.0
 
-    def _make_devices(self) -> list[VirtualDevice]:
+    def _make_devices(self, first: int = 1, count: int | None = None) -> list[VirtualDevice]:
         o = self.options
         weights = [p.weight for p in o.profiles]
         total = sum(weights)
         devices = []
-        for i in range(1, o.devices + 1):
+        for i in range(first, first + (o.devices if count is None else count)):
             device_id = f"{o.prefix}-{i:05d}"
             # The profile follows the shares exactly (largest remainder), in a shuffled order.
             rank = int.from_bytes(hashlib.sha256(device_id.encode()).digest()[:8], "big") / 2**64
@@ -381,6 +381,23 @@ class Simulation:
                 time.sleep(1.0 / o.start_rate)
         self._spawn(self._schedule_faults, "edgefleet-sim-faults")
         self._spawn(self._applications, "edgefleet-sim-apps")
+
+    def add_devices(self, count: int) -> list[VirtualDevice]:
+        """Enroll ``count`` more devices now and switch them on (devices joining mid-rollout)."""
+        new = self._make_devices(len(self.devices) + 1, count)
+        self.devices.extend(new)
+        self._by_worker.update({f"edgefleet-worker-{d.device_id}": d for d in new})
+        o = self.options
+        with httpx.Client(
+            base_url=o.fleet_url, timeout=60, headers={"Authorization": f"Bearer {o.token}"}
+        ) as fleet:
+            for device in new:
+                device.enroll(fleet)
+                device.power_on(o.broker, self.overrides)
+        return new
+
+    def device(self, device_id: str) -> VirtualDevice:
+        return next(d for d in self.devices if d.device_id == device_id)
 
     def _spawn(self, target: Callable[[], None], name: str) -> None:
         thread = threading.Thread(target=target, name=name, daemon=True)

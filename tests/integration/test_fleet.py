@@ -11,7 +11,6 @@ from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-import psycopg
 import pytest
 from fastapi.testclient import TestClient
 from sqlmodel import Session, create_engine, select, text
@@ -25,26 +24,6 @@ from shared.trust import sign_release
 from tests.conftest import make_model_dir
 
 pytestmark = pytest.mark.integration
-
-PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
-
-
-@pytest.fixture(scope="session")
-def postgres_url() -> Iterator[str]:
-    """A fresh PostgreSQL database for this test session, dropped at the end."""
-    name = f"edgefleet_test_{uuid.uuid4().hex[:10]}"
-    try:
-        admin = psycopg.connect(PG_ADMIN, autocommit=True)
-    except psycopg.OperationalError as e:
-        pytest.fail(
-            f"PostgreSQL is not reachable at 127.0.0.1:5432 ({e}); start it with "
-            "pg_ctlcluster <version> main start"
-        )
-    admin.execute(f'CREATE DATABASE "{name}"')
-    yield f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
-    admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
-    admin.close()
-
 
 @pytest.fixture(params=["sqlite", "postgresql"])
 def db_url(request, tmp_path, postgres_url) -> Iterator[str]:
