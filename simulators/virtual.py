@@ -408,6 +408,10 @@ class Simulation:
         self._stop.set()
         for thread in self._threads:
             thread.join(30)
+        # Tell every agent first, so that they all wind down at once, then wait for each.
+        for device in self.devices:
+            if device.agent is not None:
+                device.agent.stop()
         with ThreadPoolExecutor(16) as pool:
             list(pool.map(lambda d: d.power_off(), self.devices))
         agent.store.power_cut_hook = None
