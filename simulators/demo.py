@@ -276,7 +276,10 @@ def run_demo(options: DemoOptions) -> dict[str, Any]:
     with run_broker(work) as (broker_port, ca):
         say(f"broker: mosquitto with TLS and per-device ACLs on 127.0.0.1:{broker_port}")
         with run_fleet(work, keys, broker_port, ca, options.port) as url:
-            say(f"fleet service: {url} (API docs at {url}/docs); token in ${ADMIN_TOKEN_ENV}")
+            say(
+                f"fleet service: console at {url}/ (API docs at {url}/docs); "
+                f"log in with the admin token {os.environ[ADMIN_TOKEN_ENV]}"
+            )
             client = httpx.Client(
                 base_url=url,
                 timeout=60,
