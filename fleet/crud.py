@@ -40,6 +40,7 @@ __all__ = [
     "device_page",
     "ingest_events",
     "ingest_state",
+    "ingest_states",
     "ingest_telemetry",
     "verify_audit_chain",
 ]
@@ -162,26 +163,50 @@ def _touch(session: Session, device_id: str, seen: datetime) -> Device:
 
 def ingest_state(session: Session, state: ReportedState) -> bool:
     """Record a device's reported state; False if it is older than what is stored."""
-    device = _touch(session, state.device_id, state.time)
-    if state.seq <= device.last_state_seq:
-        return False
-    device.last_state_seq = state.seq
-    device.hardware_class = state.hardware_class or device.hardware_class
-    if state.inventory is not None:
-        device.inventory = state.inventory
-    for name, model in state.models.items():
-        row = session.exec(
-            select(DeviceModel).where(
-                DeviceModel.device_id == state.device_id, DeviceModel.model == name
-            )
-        ).first()
-        if row is None:
-            row = DeviceModel(device_id=state.device_id, model=name, updated_at=state.time)
-            session.add(row)
-        row.version, row.runtime = model.version, model.runtime
-        row.previous_version, row.state = model.previous_version, model.state
-        row.updated_at = state.time
-    return True
+    return ingest_states(session, [state]) == 1
+
+
+def ingest_states(session: Session, states: Sequence[ReportedState]) -> int:
+    """Record reported states, each device's in ``seq`` order; return how many were recorded.
+
+    A state whose ``seq`` is not newer than the device's stored one only marks the device seen.
+    The devices and their model rows are read with one query each for the whole batch.
+    """
+    if not states:
+        return 0
+    ids = sorted({s.device_id for s in states})
+    devices = {d.id: d for d in session.exec(select(Device).where(col(Device.id).in_(ids)))}
+    rows = {
+        (row.device_id, row.model): row
+        for row in session.exec(select(DeviceModel).where(col(DeviceModel.device_id).in_(ids)))
+    }
+    recorded = 0
+    for state in sorted(states, key=lambda s: s.seq):
+        device = devices.get(state.device_id)
+        if device is None:
+            device = Device(id=state.device_id, last_seen=state.time, online=True)
+            devices[state.device_id] = device
+            session.add(device)
+        else:
+            device.last_seen = max(device.last_seen or state.time, state.time)
+            device.online = True
+        if state.seq <= device.last_state_seq:
+            continue
+        recorded += 1
+        device.last_state_seq = state.seq
+        device.hardware_class = state.hardware_class or device.hardware_class
+        if state.inventory is not None:
+            device.inventory = state.inventory
+        for name, model in state.models.items():
+            row = rows.get((state.device_id, name))
+            if row is None:
+                row = DeviceModel(device_id=state.device_id, model=name, updated_at=state.time)
+                rows[(state.device_id, name)] = row
+                session.add(row)
+            row.version, row.runtime = model.version, model.runtime
+            row.previous_version, row.state = model.previous_version, model.state
+            row.updated_at = state.time
+    return recorded
 
 
 # PostgreSQL gets the whole batch as two array parameters: one statement, one round trip, and

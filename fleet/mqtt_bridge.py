@@ -207,14 +207,13 @@ class MqttBridge:
         BATCH_SECONDS.observe(time.perf_counter() - started)
 
     def _store_together(self, batch: list[Report]) -> None:
-        """Store ``batch`` in one transaction: states in seq order, then events and telemetry
-        with one statement each, then presence."""
+        """Store ``batch`` in one transaction: states (in seq order), events, telemetry, then
+        presence, each kind with a few statements for the whole batch."""
         grouped: dict[str, list[Any]] = defaultdict(list)
         for kind, body in batch:
             grouped[kind].append(body)
         with Session(self.engine) as session:
-            for state in sorted(grouped.pop("up/state", []), key=lambda s: s.seq):
-                crud.ingest_state(session, state)
+            crud.ingest_states(session, grouped.pop("up/state", []))
             crud.ingest_events(session, grouped.pop("up/events", []))
             crud.ingest_telemetry(session, grouped.pop("up/telemetry", []))
             for kind, bodies in grouped.items():

@@ -25,6 +25,7 @@ from tests.conftest import make_model_dir
 
 pytestmark = pytest.mark.integration
 
+
 @pytest.fixture(params=["sqlite", "postgresql"])
 def db_url(request, tmp_path, postgres_url) -> Iterator[str]:
     if request.param == "sqlite":
@@ -425,3 +426,32 @@ def test_device_list_command_fetches_every_page(app_client, monkeypatch, capsys)
         session.commit()
     cli.list_devices(fleet=None, as_json=True)
     assert [d["id"] for d in json.loads(capsys.readouterr().out)] == ids
+
+
+def test_a_batch_of_states_is_applied_in_seq_order_per_device(db_url):
+    from fleet import crud
+    from fleet.db import make_engine, migrate
+    from fleet.models import Device, DeviceModel
+    from shared.protocol import ModelState, ReportedState
+
+    engine = make_engine(db_url)
+    migrate(engine)
+    now = datetime.now(UTC)
+
+    def state(device: str, seq: int, version: str) -> ReportedState:
+        return ReportedState(
+            device_id=device, seq=seq, time=now, models={"cnn": ModelState(version=version)}
+        )
+
+    with Session(engine) as session:
+        assert crud.ingest_state(session, state("dev-1", 5, "1.0.0"))
+        session.commit()
+        # out of order, with one report older than what is stored
+        batch = [state("dev-1", 7, "3.0.0"), state("dev-2", 1, "1.0.0"), state("dev-1", 6, "2.0.0")]
+        assert crud.ingest_states(session, [*batch, state("dev-1", 4, "0.9.0")]) == 3
+        session.commit()
+        seqs = {d.id: d.last_state_seq for d in session.exec(select(Device))}
+        versions = {(m.device_id, m.model): m.version for m in session.exec(select(DeviceModel))}
+    engine.dispose()
+    assert seqs == {"dev-1": 7, "dev-2": 1}
+    assert versions == {("dev-1", "cnn"): "3.0.0", ("dev-2", "cnn"): "1.0.0"}
