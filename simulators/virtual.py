@@ -182,9 +182,11 @@ class _LossyLink(MqttLink):
         super().__init__(*args, **kwargs)
         self._loss = loss
         self._loss_rng = random.Random(seed)  # noqa: S311 - simulation, not cryptography
+        self.lost = 0  # fetch replies dropped so far
 
     def _on_message(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
         if msg.topic.endswith(DOWN_FETCH) and self._loss_rng.random() < self._loss:
+            self.lost += 1
             return
         super()._on_message(client, userdata, msg)
 
@@ -368,17 +370,7 @@ class Simulation:
 
         threading.excepthook = excepthook
         self.started_at = time.monotonic()
-        o = self.options
-        with httpx.Client(
-            base_url=o.fleet_url, timeout=60, headers={"Authorization": f"Bearer {o.token}"}
-        ) as fleet:
-            now_devices = [d for d in self.devices if d.fault("late-enroll") is None]
-            for number, device in enumerate(now_devices, 1):
-                device.enroll(fleet)
-                device.power_on(o.broker, self.overrides)
-                if progress is not None:
-                    progress(number, len(now_devices))
-                time.sleep(1.0 / o.start_rate)
+        self._bring_up([d for d in self.devices if d.fault("late-enroll") is None], progress)
         self._spawn(self._schedule_faults, "edgefleet-sim-faults")
         self._spawn(self._applications, "edgefleet-sim-apps")
 
@@ -387,14 +379,23 @@ class Simulation:
         new = self._make_devices(len(self.devices) + 1, count)
         self.devices.extend(new)
         self._by_worker.update({f"edgefleet-worker-{d.device_id}": d for d in new})
+        self._bring_up(new)
+        return new
+
+    def _bring_up(
+        self, devices: list[VirtualDevice], progress: Callable[[int, int], None] | None = None
+    ) -> None:
+        """Enroll ``devices`` (once) and switch them on, at ``start_rate`` devices a second."""
         o = self.options
         with httpx.Client(
             base_url=o.fleet_url, timeout=60, headers={"Authorization": f"Bearer {o.token}"}
         ) as fleet:
-            for device in new:
+            for number, device in enumerate(devices, 1):
                 device.enroll(fleet)
                 device.power_on(o.broker, self.overrides)
-        return new
+                if progress is not None:
+                    progress(number, len(devices))
+                time.sleep(1.0 / o.start_rate)
 
     def device(self, device_id: str) -> VirtualDevice:
         return next(d for d in self.devices if d.device_id == device_id)
