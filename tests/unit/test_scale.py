@@ -33,8 +33,9 @@ def bad(both: dict[str, Any]) -> dict[str, Any]:
 def _without_timings(report: dict[str, Any]) -> dict[str, Any]:
     out = json.loads(json.dumps(report))
     out.pop("real_seconds")
+    out.pop("cpu_seconds")
     for r in out["scenarios"].values():
-        for key in ("real_seconds", "real_seconds_outside_engine"):
+        for key in ("real_seconds", "real_seconds_outside_engine", "cpu_seconds"):
             r.pop(key)
         for key in ("step_ms", "first_step_ms", "gate_step_ms", "seconds"):
             r["engine"].pop(key)
