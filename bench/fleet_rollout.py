@@ -27,7 +27,9 @@ Measured:
 - **start**: enrolling the devices and switching them on until the fleet lists all of them
   online;
 - **v1 to all** (one stage, the devices' first install; timed but not the goal);
-- **the staged rollout of v2** (``--stages``, default 1,10,50,100 with a ``--soak`` of 2 s):
+- **the staged rollout of v2** (``--stages``, default 1,10,50,100 with a ``--soak`` of 2 s, and
+  the API's default of 100 devices in flight: with 1,000 at once, each asking for 8 chunks, the
+  fleet's fetch queue holds 2 GB and the devices' 10 s request time-outs fire and ask again):
   from the ``POST /api/v1/rollouts`` to the rollout's ``completed`` state. Per stage, polled
   every 0.2 s from outside: when it started, when its devices had all succeeded, and when its
   gate passed (the next stage started);
