@@ -44,9 +44,9 @@ from tests.pki import issue_client
 
 pytestmark = pytest.mark.integration
 
-# The fleet tests' fixtures: a fresh database (SQLite, then PostgreSQL) and a key store.
+# The fleet tests' fixtures: a fresh database (SQLite, then PostgreSQL; conftest.py starts
+# PostgreSQL) and a key store.
 db_url = fleet_tests.db_url
-postgres_url = fleet_tests.postgres_url
 keys = fleet_tests.keys
 
 CHROMIUM = "/usr/bin/chromium"
@@ -373,6 +373,42 @@ def token_secret(fleet: Fleet, name: str, role: str) -> str:
     response = fleet.api.post("/api/v1/tokens", json={"name": name, "role": role})
     assert response.status_code == 201, response.text
     return str(response.json()["token"])
+
+
+def test_an_operator_publishes_a_signed_bundle_from_the_releases_page(
+    browser, fleet, tmp_path, keys
+):
+    operator = token_secret(fleet, "console-operator", "operator")
+    page = new_page(browser)
+    log_in(page, fleet.url, operator)
+    show(page, fleet.url, "/releases")
+
+    bundle = signed_bundle(tmp_path, keys, "3.0.0")
+    page.get_by_label("Signed bundle file").set_input_files(bundle)
+    page.get_by_role("button", name="Upload and publish").click()
+    expect(page.locator("#upload-outcome")).to_contain_text("Published tiny 3.0.0")
+    published = page.locator('[data-release="tiny@3.0.0"]')
+    expect(published).to_contain_text("verified")
+    expect(published).to_contain_text("by console-operator")
+    shoot(page, "release-uploaded")
+
+    tampered = bytearray(signed_bundle(tmp_path, keys, "4.0.0").read_bytes())
+    tampered[-1024 - 600] ^= 1
+    tampered_path = tmp_path / "tiny-4.0.0-tampered.bundle"
+    tampered_path.write_bytes(bytes(tampered))
+    page.get_by_label("Signed bundle file").set_input_files(tampered_path)
+    page.get_by_role("button", name="Upload and publish").click()
+    refusal = page.locator("#upload-outcome").get_by_role("alert")
+    expect(refusal).to_contain_text("tiny-4.0.0-tampered.bundle was not published: bundle refused:")
+    expect(page.locator('[data-release="tiny@4.0.0"]')).to_have_count(0)
+    shoot(page, "release-refused")
+
+    viewer = new_page(browser)
+    log_in(viewer, fleet.url, token_secret(fleet, "release-viewer", "viewer"))
+    show(viewer, fleet.url, "/releases")
+    expect(viewer.locator('[data-release="tiny@3.0.0"]')).to_be_visible()
+    expect(viewer.get_by_label("Signed bundle file")).to_have_count(0)
+    expect(viewer.get_by_role("button", name="Upload and publish")).to_have_count(0)
 
 
 def test_bad_addresses_and_tokens_get_a_message(browser, fleet):

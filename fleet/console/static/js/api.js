@@ -27,16 +27,20 @@ export function query(params) {
 
 /** `token()` gives the current token; `onUnauthorized()` is called on a 401. */
 export function makeApi(token, onUnauthorized) {
-  async function request(method, path, { body, params } = {}) {
+  // `body` is sent as JSON; `file` (a File or Blob) is sent as it is, as raw bytes.
+  async function request(method, path, { body, file, params } = {}) {
     const headers = { Authorization: `Bearer ${token()}`, Accept: "application/json" };
-    if (body !== undefined) headers["Content-Type"] = "application/json";
+    let payload;
+    if (file !== undefined) {
+      headers["Content-Type"] = "application/octet-stream";
+      payload = file;
+    } else if (body !== undefined) {
+      headers["Content-Type"] = "application/json";
+      payload = JSON.stringify(body);
+    }
     let response;
     try {
-      response = await fetch(path + query(params), {
-        method,
-        headers,
-        body: body === undefined ? undefined : JSON.stringify(body),
-      });
+      response = await fetch(path + query(params), { method, headers, body: payload });
     } catch (e) {
       throw new ApiError(0, `the fleet service did not answer (${e.message})`);
     }
@@ -57,5 +61,6 @@ export function makeApi(token, onUnauthorized) {
   return {
     get: (path, params) => request("GET", path, { params }),
     post: (path, body, params) => request("POST", path, { body, params }),
+    upload: (path, file) => request("POST", path, { file }),
   };
 }
