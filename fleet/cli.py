@@ -42,6 +42,7 @@ def serve(
 
     from fleet.app import create_app
     from fleet.config import FleetSettings
+    from fleet.console import end_live_streams
 
     settings = FleetSettings(
         db=db,
@@ -59,7 +60,13 @@ def serve(
         f"fleet service on http://{host}:{port} (API docs at /docs), database "
         f"{settings.database_url.split('@')[-1]}"
     )
-    uvicorn.run(app, host=host, port=port, log_level="info")
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            end_live_streams(app)  # else open consoles hold the stop for up to 30 s
+            super().handle_exit(sig, frame)
+
+    Server(uvicorn.Config(app, host=host, port=port, log_level="info")).run()
 
 
 @fleet_app.command("migrate")

@@ -28,7 +28,7 @@ from fastapi.staticfiles import StaticFiles
 from fleet.console.rollout_views import RolloutViews
 from fleet.console.routes import router
 
-__all__ = ["STATIC", "install"]
+__all__ = ["STATIC", "end_live_streams", "install"]
 
 STATIC = Path(__file__).parent / "static"
 # Only the console's own files run or load: no inline script, no other origin.
@@ -59,3 +59,14 @@ def install(app: FastAPI) -> None:
     @app.get("/", include_in_schema=False)
     def console_page() -> FileResponse:
         return FileResponse(STATIC / "index.html", headers=PAGE_HEADERS)
+
+
+def end_live_streams(app: FastAPI) -> None:
+    """End the console's open live streams now: call it when the server starts to stop.
+
+    The ASGI server tells a streaming response nothing of a shutdown, and waits for it to end
+    (at most ``STREAM_LIFETIME_S``, 30 s). Safe from a signal handler and from any thread.
+    """
+    hub = getattr(app.state, "console_hub", None)
+    if hub is not None:
+        hub.close_threadsafe()

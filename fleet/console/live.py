@@ -81,14 +81,23 @@ class _Watcher:
 
     ready: asyncio.Event = field(default_factory=asyncio.Event)
     snapshot: Snapshot | None = None
+    closed: bool = False
 
     def push(self, snapshot: Snapshot) -> None:
         self.snapshot = snapshot
         self.ready.set()
 
-    async def next(self) -> Snapshot:
+    def close(self) -> None:
+        self.closed = True
+        self.ready.set()
+
+    async def next(self) -> Snapshot | None:
+        """The newest snapshot not yet sent, or None once the hub has closed (the server is
+        stopping)."""
         await self.ready.wait()
         self.ready.clear()
+        if self.closed:
+            return None
         assert self.snapshot is not None
         return self.snapshot
 
@@ -108,14 +117,34 @@ class LiveHub:
         self._watchers: dict[str, set[_Watcher]] = {}
         self._last: dict[str, Snapshot] = {}
         self._task: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.closed = False
+
+    def close_threadsafe(self) -> None:
+        """End every stream now and any later one at once: the server is stopping.
+
+        Safe from any thread and from a signal handler. The ASGI server gives a stream no
+        shutdown signal, so without this a stop would wait for the streams to end by
+        themselves."""
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._close)
+
+    def _close(self) -> None:
+        self.closed = True
+        for watchers in self._watchers.values():
+            for watcher in watchers:
+                watcher.close()
 
     @asynccontextmanager
     async def watch(self, topic: str) -> AsyncIterator[_Watcher]:
         """Watch ``topic`` for the duration of the block; the newest known snapshot comes
-        first."""
+        first. :meth:`_Watcher.next` gives None once the hub has closed."""
+        self._loop = asyncio.get_running_loop()
         watcher = _Watcher()
         self._watchers.setdefault(topic, set()).add(watcher)
-        if topic in self._last:
+        if self.closed:
+            watcher.close()
+        elif topic in self._last:
             watcher.push(self._last[topic])
         if self._task is None or self._task.done():
             self._task = asyncio.create_task(self._poll(), name="console-live")

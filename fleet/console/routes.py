@@ -282,17 +282,21 @@ def _hub(request: Request) -> LiveHub:
 
 
 async def _events(hub: LiveHub, topic: str) -> AsyncIterator[str]:
-    """The stream: a retry hint, then snapshots as they change, keep-alives, then ``bye``."""
+    """The stream: a retry hint, then snapshots as they change, keep-alives, then ``bye``
+    (after ``STREAM_LIFETIME_S``, or at once when the server starts to stop)."""
     yield "retry: 1000\n\n"
     loop = asyncio.get_running_loop()
     ends = loop.time() + STREAM_LIFETIME_S
     async with hub.watch(topic) as watcher:
         while (left := ends - loop.time()) > 0:
             try:
-                event, data = await asyncio.wait_for(watcher.next(), min(left, KEEPALIVE_S))
+                snapshot = await asyncio.wait_for(watcher.next(), min(left, KEEPALIVE_S))
             except TimeoutError:
                 yield ": keep-alive\n\n"
                 continue
+            if snapshot is None:  # the hub closed: the server is stopping
+                break
+            event, data = snapshot
             yield f"event: {event}\ndata: {data}\n\n"
     yield "event: bye\ndata: {}\n\n"
 

@@ -476,6 +476,29 @@ def test_live_stream_needs_a_ticket_and_sends_changes(fleet, devices):
         assert (event, problem) == ("problem", {"detail": "no rollout 'r-gone'", "status": 404})
 
 
+def test_a_stopping_server_ends_open_streams_at_once():
+    """``end_live_streams`` (called by ``edgefleet fleet serve`` on SIGINT/SIGTERM) ends every
+    open stream with ``bye``, instead of the stop waiting up to 30 s for them."""
+    import asyncio
+
+    from fleet.console import routes
+    from fleet.console.live import LiveHub
+
+    async def scenario() -> list[str]:
+        hub = LiveHub(lambda topics: dict.fromkeys(topics, ("update", "{}")), interval_s=0.05)
+        stream = routes._events(hub, "overview")
+        chunks = [await anext(stream), await anext(stream)]  # the retry hint, the snapshot
+        following = asyncio.ensure_future(anext(stream))
+        await asyncio.sleep(0.2)
+        assert not following.done()  # nothing changed: the stream waits
+        hub.close_threadsafe()
+        chunks.append(await asyncio.wait_for(following, 2))
+        return chunks
+
+    chunks = asyncio.run(scenario())
+    assert chunks == ["retry: 1000\n\n", "event: update\ndata: {}\n\n", "event: bye\ndata: {}\n\n"]
+
+
 # -- the endpoints behind the pages, on SQLite and PostgreSQL ----------------------------------
 
 
