@@ -16,7 +16,7 @@ from shared.cli.common import console, err_console, print_json
 from shared.errors import UsageError
 
 app = typer.Typer(
-    help="Device agent: runtime probing (and, soon, the daemon).", no_args_is_help=True
+    help="Device agent: the daemon, its local state and runtime probing.", no_args_is_help=True
 )
 
 
@@ -182,14 +182,11 @@ def run(
     """Run the agent daemon until SIGTERM or Ctrl-C.
 
     Flags override the config file, which environment variables EDGEFLEET_AGENT_* override.
+    On a device, `python -m agent run` (same options) runs it without the rest of this CLI.
     """
-    import logging
-    import signal
+    from agent.service import serve
 
-    from agent.config import load_settings
-    from agent.daemon import Agent
-
-    settings = load_settings(
+    serve(
         config,
         {
             "broker": broker,
@@ -201,29 +198,6 @@ def run(
             "key_file": key_file,
         },
     )
-    if not settings.trust.is_file():
-        raise UsageError(f"{settings.trust}: no trust root there (copy KEYS_DIR/root.json)")
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    agent = Agent(settings)
-    signal.signal(signal.SIGTERM, lambda *_: agent.stop())
-    signal.signal(signal.SIGINT, lambda *_: agent.stop())
-    _notify("READY=1")
-    agent.run(heartbeat=lambda: _notify("WATCHDOG=1"))
-    _notify("STOPPING=1")
-
-
-def _notify(state: str) -> None:
-    """Tell systemd (Type=notify) about our state, when it is listening."""
-    import socket
-
-    address = os.environ.get("NOTIFY_SOCKET")
-    if not address:
-        return
-    if address.startswith("@"):
-        address = "\0" + address[1:]
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
-        sock.connect(address)
-        sock.sendall(state.encode())
 
 
 @app.command("status")

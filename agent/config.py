@@ -1,7 +1,9 @@
 """The agent's settings: one typed object, read once at start-up and passed down.
 
 Sources, lowest to highest precedence: defaults, a TOML file (``--config``), environment
-variables ``EDGEFLEET_AGENT_<FIELD>``, command-line flags.
+variables ``EDGEFLEET_AGENT_<FIELD>``, command-line flags. :func:`load_settings` merges them;
+:class:`AgentSettings` is a plain pydantic model (pydantic-settings would cost the daemon several
+MB of resident memory for what ``load_settings`` does in a few lines).
 """
 
 from __future__ import annotations
@@ -11,19 +13,20 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from shared.errors import UsageError
 from shared.protocol import DEVICE_ID_PATTERN
 
-__all__ = ["AgentSettings", "load_settings"]
+__all__ = ["ENV_PREFIX", "AgentSettings", "load_settings"]
+
+ENV_PREFIX = "EDGEFLEET_AGENT_"
 
 
-class AgentSettings(BaseSettings):
+class AgentSettings(BaseModel):
     """Everything the agent daemon needs to know. Units are in the field names."""
 
-    model_config = SettingsConfigDict(env_prefix="EDGEFLEET_AGENT_", extra="forbid")
+    model_config = ConfigDict(extra="forbid")
 
     device_id: str = Field(pattern=DEVICE_ID_PATTERN)
     broker: str = Field(description="mqtt://HOST:PORT or mqtts://HOST:PORT")
@@ -61,6 +64,11 @@ class AgentSettings(BaseSettings):
             raise ValueError(f"must start with mqtt:// or mqtts://, got {value!r}")
         return value
 
+    @field_validator("mqtt_protocol", mode="before")
+    @classmethod
+    def _protocol(cls, value: Any) -> Any:
+        return int(value) if isinstance(value, str) and value.isdigit() else value
+
 
 def load_settings(config_file: Path | None, overrides: dict[str, Any]) -> AgentSettings:
     """Merge the TOML file, the environment and command-line ``overrides`` (None = unset)."""
@@ -70,7 +78,7 @@ def load_settings(config_file: Path | None, overrides: dict[str, Any]) -> AgentS
             values = tomllib.loads(config_file.read_text()).get("agent", {})
         except (OSError, tomllib.TOMLDecodeError) as e:
             raise UsageError(f"{config_file}: cannot read the agent configuration ({e})") from e
-    prefix = AgentSettings.model_config.get("env_prefix", "")
+    prefix = ENV_PREFIX
     for key, value in os.environ.items():  # the environment overrides the file...
         if (
             key.upper().startswith(prefix)

@@ -7,7 +7,9 @@ Threads, and what each may touch:
   commands to the worker queue, inference requests to the inference queue; on (re)connect it
   announces presence, reports state and drains the outbox;
 - the **worker** runs one deployment at a time (single flight: queued orders for the same model
-  are coalesced, the newest wins), then probation, commit or rollback;
+  are coalesced, the newest wins), then probation, commit or rollback. On a real device each
+  deployment runs in a child process the worker waits for (:mod:`agent.isolation`), so that the
+  idle daemon does not keep the trust stack and the deployment's memory;
 - the **inference** thread answers ``infer/request`` with the active model of each name.
 
 Active models live in a dict replaced as a whole, so a request sees either the old model or the
@@ -25,18 +27,23 @@ import time
 from collections import deque
 from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from agent.config import AgentSettings
 from agent.fetch import FetchClient
 from agent.health import HealthSampler
+from agent.isolation import IsolatedDeployer
 from agent.outbox import Outbox
 from agent.platform import DevicePlatform
+from agent.serving import ActiveModel, DeploymentError, Runtimes
 from agent.store import ModelStore, write_atomic
-from agent.updater import ActiveModel, Deployer, DeploymentError
+from agent.trim import release_free_memory
 from shared.errors import EdgefleetError
+
+if TYPE_CHECKING:
+    from agent.updater import Deployer
 from shared.mqtt import Connected, Disconnected, Message, MqttLink, MqttSettings
 from shared.protocol import (
     DOWN_CMD,
@@ -108,7 +115,9 @@ class Agent:
         self.outbox = Outbox(settings.data_dir / "outbox", max_records=settings.outbox_max_records)
         self.link = self._make_link(settings)
         self.client = FetchClient(self.link, self.device_id, timeout_s=settings.request_timeout_s)
-        self.deployer = Deployer(settings, self.store, self.client, self.platform, self._emit)
+        self.hardware_class = settings.hardware_id or self.inventory.hardware_class()
+        self.runtimes = Runtimes(settings, self.store, self.platform)
+        self.deployer = self._make_deployer()
         self.models: dict[str, ActiveModel] = {}
         self.metrics: dict[str, _Metrics] = {}
         self.commands: queue.Queue[Command] = queue.Queue()
@@ -122,7 +131,7 @@ class Agent:
             json.dumps(
                 {
                     "device_id": self.device_id,
-                    "hardware_class": self.deployer.identity.hardware_id,
+                    "hardware_class": self.hardware_class,
                 }
             ).encode(),
         )
@@ -148,6 +157,22 @@ class Agent:
                 (device_topic(self.device_id, INFER_REQUEST), 1),
             ],
         )
+
+    def _make_deployer(self) -> IsolatedDeployer | Deployer:
+        """Deployments in a child process on a real device, else on the worker thread."""
+        if self.platform.isolate_deployments:
+            return IsolatedDeployer(
+                self.settings,
+                self.store,
+                self.platform,
+                runtimes=self.runtimes,
+                publish=self.link.publish,
+                connected=self.link.connected,
+                emit=self._emit,
+            )
+        from agent.updater import Deployer  # imports the trust stack
+
+        return Deployer(self.settings, self.store, self.client, self.platform, self._emit)
 
     def _set_models(self, models: dict[str, ActiveModel]) -> None:
         """Swap the served models in one assignment and record their runtimes for ``status``."""
@@ -202,7 +227,7 @@ class Agent:
             device_id=self.device_id,
             seq=self._next_seq(),
             time=datetime.now(UTC),
-            hardware_class=self.deployer.identity.hardware_id,
+            hardware_class=self.hardware_class,
             models=models,
             inventory=self.inventory.to_dict(),
         )
@@ -259,8 +284,8 @@ class Agent:
                     continue
             try:
                 manifest = self.store.manifest(name, version)
-                decision = self.deployer.decision_for(name, version)
-                self._set_models({**self.models, name: self.deployer.load(manifest, decision)})
+                decision = self.runtimes.decision_for(name, version)
+                self._set_models({**self.models, name: self.runtimes.load(manifest, decision)})
             except EdgefleetError as e:
                 logger.error("cannot serve %s %s: %s", name, version, e)
 
@@ -297,6 +322,8 @@ class Agent:
             timeout_s=2.0,
         )
         self.link.stop()
+        if isinstance(self.deployer, IsolatedDeployer):
+            self.deployer.kill()
         for active in self.models.values():
             active.runner.close()
 
@@ -312,6 +339,8 @@ class Agent:
                 event = self.link.events.get(timeout=0.5)
             except queue.Empty:
                 continue
+            if isinstance(self.deployer, IsolatedDeployer) and not isinstance(event, Message):
+                self.deployer.set_connected(isinstance(event, Connected))
             if isinstance(event, Connected):
                 self.link.publish(
                     device_topic(self.device_id, UP_PRESENCE),
@@ -321,7 +350,10 @@ class Agent:
             elif isinstance(event, Disconnected):
                 logger.info("broker connection lost (%s)", event.reason)
             elif event.topic == fetch:
-                self.client.deliver(event.payload)
+                if isinstance(self.deployer, IsolatedDeployer):
+                    self.deployer.deliver(event.payload)
+                else:
+                    self.client.deliver(event.payload)
             elif event.topic == cmd:
                 try:
                     self.commands.put(parse_payload(Command, event.payload, what="command"))
@@ -357,23 +389,26 @@ class Agent:
                     )
             if any(c.type in ("check", "report") for c in batch):
                 self.report_state()
+            if deploys:
+                release_free_memory()
 
     def _deploy(self, order: str) -> None:
         try:
-            manifest, release, decision = self.deployer.deploy(order)
+            ready = self.deployer.deploy(order)
         except DeploymentError as e:
             if e.failure_class == "self_test" and e.model != "?":
                 self.store.mark_failed(e.model, e.version)
             self._emit_failure(e.model, e.version, e)
             self.report_state()
             return
+        manifest, decision = ready.manifest, ready.decision
         name, version = manifest.name, manifest.version
         if self.store.current(name) == version:
             self._emit("activated", name, version, detail="already active")
             self.report_state()
             return
         try:
-            new = self.deployer.load(manifest, decision)
+            new = self.runtimes.load(manifest, decision)
         except DeploymentError as e:
             self._emit_failure(name, version, e)
             return
@@ -388,7 +423,7 @@ class Agent:
                     "version": version,
                     "started": time.time(),
                     "boots": 0,
-                    "rollback_floor": release.rollback_floor,
+                    "rollback_floor": ready.rollback_floor,
                 }
             ).encode(),
         )
@@ -437,7 +472,7 @@ class Agent:
         if back is not None:
             try:
                 manifest = self.store.manifest(name, back)
-                loaded = self.deployer.load(manifest, self.deployer.decision_for(name, back))
+                loaded = self.runtimes.load(manifest, self.runtimes.decision_for(name, back))
                 self._set_models({**self.models, name: loaded})
             except EdgefleetError as e:
                 logger.error("cannot serve %s %s after rollback: %s", name, back, e)

@@ -2,8 +2,9 @@
 
 :class:`FetchClient` publishes :class:`~shared.protocol.FetchRequest` on ``up/fetch`` and
 collects the ``down/fetch`` frames that answer it (routed here by the agent's dispatcher).
-:class:`MqttTufFetcher` lets python-tuf's client fetch its metadata through it, so all trust
-decisions stay in python-tuf while the bytes travel over MQTT.
+python-tuf's client fetches its metadata through it (:class:`agent.updater.MqttTufFetcher`),
+so all trust decisions stay in python-tuf while the bytes travel over MQTT. This module does not
+import python-tuf: the idle daemon keeps a :class:`FetchClient` without the trust stack.
 """
 
 from __future__ import annotations
@@ -11,13 +12,10 @@ from __future__ import annotations
 import contextlib
 import itertools
 import queue
+import threading
 import time
-from collections.abc import Iterator
+from typing import Protocol
 
-from tuf.api import exceptions as tuf_errors
-from tuf.ngclient import FetcherInterface
-
-from shared.mqtt import MqttLink
 from shared.protocol import (
     UP_FETCH,
     FetchRequest,
@@ -27,16 +25,27 @@ from shared.protocol import (
     device_topic,
 )
 
-__all__ = ["TUF_BASE_URL", "FetchClient", "MqttTufFetcher"]
+__all__ = ["TUF_BASE_URL", "FetchClient", "Link"]
 
 TUF_BASE_URL = "edgefleet:/metadata/"
 Frame = tuple[FetchResponse, bytes]
 
 
+class Link(Protocol):
+    """What the client needs of a connection: a :class:`shared.mqtt.MqttLink`, or the pipe to
+    the agent that a deployment process talks through (:mod:`agent.isolation`)."""
+
+    connected: threading.Event
+
+    def publish(self, topic: str, payload: bytes) -> bool: ...
+
+    def wait_connected(self, timeout_s: float) -> bool: ...
+
+
 class FetchClient:
     """Send fetch requests and receive their frames. One outstanding document at a time."""
 
-    def __init__(self, link: MqttLink, device_id: str, *, timeout_s: float = 10.0) -> None:
+    def __init__(self, link: Link, device_id: str, *, timeout_s: float = 10.0) -> None:
         self.link = link
         self.device_id = device_id
         self.timeout_s = timeout_s
@@ -103,22 +112,3 @@ class FetchClient:
             f"no answer to {request.kind} request {request.request_id} "
             f"({request.name or request.target}) within {self.timeout_s:g} s"
         )
-
-
-class MqttTufFetcher(FetcherInterface):
-    """python-tuf fetcher over MQTT: ``edgefleet:/metadata/<file>`` -> a metadata request."""
-
-    def __init__(self, client: FetchClient, *, max_bytes: int = 5_000_000) -> None:
-        self.client = client
-        self.max_bytes = max_bytes
-
-    def _fetch(self, url: str) -> Iterator[bytes]:
-        name = url.removeprefix(TUF_BASE_URL)
-        request = FetchRequest(request_id=self.client.new_request_id(), kind="metadata", name=name)
-        try:
-            data = self.client.document(request, max_bytes=self.max_bytes)
-        except (TimeoutError, ProtocolError) as e:
-            raise tuf_errors.DownloadError(str(e)) from e
-        if data is None:
-            raise tuf_errors.DownloadHTTPError(f"{name} not found", 404)
-        return iter([data])

@@ -1,9 +1,10 @@
 """What the agent runs on: the hardware inventory, the runtime backends and how trials run.
 
 A real device detects its platform (:meth:`DevicePlatform.detect`: scan the OS for accelerators,
-use the installed runtimes, isolate every trial in a child process). The simulators inject one
-instead: a hardware profile's inventory and simulated backends whose trials run in-process, so
-thousands of virtual devices can share one process while running the rest of the agent as is.
+use the installed runtimes, isolate every trial and every deployment in a child process). The
+simulators inject one instead: a hardware profile's inventory and simulated backends whose trials
+and deployments run in-process, so thousands of virtual devices can share one process while
+running the rest of the agent as is.
 """
 
 from __future__ import annotations
@@ -24,8 +25,12 @@ class DevicePlatform:
     backends: Mapping[str, str] = field(default_factory=lambda: dict(BACKENDS))
     isolate_trials: bool = True  # False only for trusted, simulated backends
     health_root: Path = Path("/")  # where /proc and /sys are read for health samples
+    # Run each deployment in a child process (agent.isolation) so that the idle daemon never
+    # holds the memory of the trust stack, the download and the self-test. Only a real device
+    # (detect) does: an injected platform's deployments run on the agent's worker thread.
+    isolate_deployments: bool = False
 
     @classmethod
     def detect(cls) -> DevicePlatform:
         """This machine, as it is."""
-        return cls(inventory=scan())
+        return cls(inventory=scan(), isolate_deployments=True)

@@ -57,6 +57,7 @@ FAULT_POINTS = (
     "after_commit",
 )
 FAULT_ENV = "EDGEFLEET_FAULT"
+DEPLOYMENT_PROCESS_ENV = "EDGEFLEET_DEPLOYMENT_PROCESS"  # set in a deployment child process
 
 
 class StoreError(EdgefleetError):
@@ -72,6 +73,8 @@ power_cut_hook: Callable[[str], None] | None = None
 def kill_point(point: str) -> None:
     """Die here, as a power cut would, when the tests asked for it with ``EDGEFLEET_FAULT``."""
     if os.environ.get(FAULT_ENV) == point:
+        if os.environ.get(DEPLOYMENT_PROCESS_ENV):  # a power cut stops the agent too
+            os.kill(os.getppid(), signal.SIGKILL)
         os.kill(os.getpid(), signal.SIGKILL)
     if power_cut_hook is not None:
         power_cut_hook(point)
@@ -136,6 +139,10 @@ class ModelStore:
         self.state_path = data_dir / "state.json"
         for directory in (self.models_dir, self.staging_dir):
             directory.mkdir(parents=True, exist_ok=True)
+        self.state = StoreState.load(self.state_path)
+
+    def reload_state(self) -> None:
+        """Read ``state.json`` again, after a deployment process changed it."""
         self.state = StoreState.load(self.state_path)
 
     # -- queries -------------------------------------------------------------------------------

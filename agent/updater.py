@@ -26,23 +26,19 @@ import os
 import queue
 import shutil
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
 from tuf.api import exceptions as tuf_errors
 from tuf.api.metadata import Root
+from tuf.ngclient import FetcherInterface, UpdaterConfig
 from tuf.ngclient import Updater as TufUpdater
-from tuf.ngclient import UpdaterConfig
 
 from agent.config import AgentSettings
-from agent.fetch import TUF_BASE_URL, FetchClient, MqttTufFetcher
+from agent.fetch import TUF_BASE_URL, FetchClient
 from agent.platform import DevicePlatform
-from agent.runtimes.cache import DecisionCache
-from agent.runtimes.probe import probe_model
-from agent.runtimes.runner import ModelRunner
-from agent.runtimes.selection import Decision
+from agent.serving import ActiveModel, DeploymentError, Ready, Runtimes
 from agent.store import ModelStore, kill_point
 from agent.transfer import (
     ChunkSpec,
@@ -60,10 +56,9 @@ from agent.transfer import (
     plan_chunks,
     plan_local_copies,
 )
-from shared.bundle import MANIFEST_NAME
 from shared.errors import EdgefleetError, TrustError
 from shared.manifest import Manifest, parse_manifest
-from shared.protocol import ChunkRef, FetchRequest
+from shared.protocol import ChunkRef, FetchRequest, ProtocolError
 from shared.trust import (
     Deployment,
     DeviceIdentity,
@@ -73,7 +68,7 @@ from shared.trust import (
     verify_deployment,
 )
 
-__all__ = ["ActiveModel", "Deployer", "DeploymentError", "DeviceTrust"]
+__all__ = ["ActiveModel", "Deployer", "DeploymentError", "DeviceTrust", "MqttTufFetcher"]
 
 logger = logging.getLogger(__name__)
 FLUSH_BYTES = 8 << 20  # make downloaded chunks durable every 8 MiB...
@@ -81,26 +76,23 @@ FLUSH_S = 0.5  # ...or every half second, whichever comes first
 Emit = Callable[..., None]  # emit(phase, model, version, **fields)
 
 
-class DeploymentError(EdgefleetError):
-    """A deployment stopped; ``failure_class`` says where (download, verification, ...)."""
+class MqttTufFetcher(FetcherInterface):
+    """python-tuf fetcher over MQTT: ``edgefleet:/metadata/<file>`` -> a metadata request."""
 
-    def __init__(
-        self, failure_class: str, message: str, *, model: str = "?", version: str = "?"
-    ) -> None:
-        super().__init__(message, check=failure_class)
-        self.failure_class = failure_class
-        self.model = model
-        self.version = version
+    def __init__(self, client: FetchClient, *, max_bytes: int = 5_000_000) -> None:
+        self.client = client
+        self.max_bytes = max_bytes
 
-
-@dataclass
-class ActiveModel:
-    """A model the agent serves: its version, manifest and loaded runner."""
-
-    name: str
-    version: str
-    manifest: Manifest
-    runner: ModelRunner
+    def _fetch(self, url: str) -> Iterator[bytes]:
+        name = url.removeprefix(TUF_BASE_URL)
+        request = FetchRequest(request_id=self.client.new_request_id(), kind="metadata", name=name)
+        try:
+            data = self.client.document(request, max_bytes=self.max_bytes)
+        except (TimeoutError, ProtocolError) as e:
+            raise tuf_errors.DownloadError(str(e)) from e
+        if data is None:
+            raise tuf_errors.DownloadHTTPError(f"{name} not found", 404)
+        return iter([data])
 
 
 class DeviceTrust:
@@ -244,11 +236,11 @@ class Deployer:
         self.identity = DeviceIdentity(
             settings.device_id, settings.hardware_id or self.inventory.hardware_class()
         )
-        self.cache = DecisionCache(settings.data_dir / "cache" / "runtime-decisions")
+        self.runtimes = Runtimes(settings, store, platform)
 
     # -- the pipeline --------------------------------------------------------------------------
 
-    def deploy(self, order_text: str) -> tuple[Manifest, ReleaseInfo, Decision]:
+    def deploy(self, order_text: str) -> Ready:
         """Run steps 1-6 for a director order; return what is ready to activate.
 
         Raises:
@@ -281,9 +273,7 @@ class Deployer:
                 version=release.version,
             ) from e
 
-    def _deploy_release(
-        self, order: Deployment, release: ReleaseInfo
-    ) -> tuple[Manifest, ReleaseInfo, Decision]:
+    def _deploy_release(self, order: Deployment, release: ReleaseInfo) -> Ready:
         try:
             check_deployment_target(order, release)
             check_release(
@@ -309,8 +299,9 @@ class Deployer:
             pass  # already installed (e.g. a revert to the previous version)
         else:
             self._download(manifest, manifest_bytes, release)
-        decision = self.self_test(manifest)
-        return manifest, release, decision
+        self.emit("self_test", release.name, release.version)
+        decision = self.runtimes.self_test(manifest)
+        return Ready(manifest, decision, release.rollback_floor)
 
     def _fetch_manifest(self, release: ReleaseInfo) -> bytes:
         request = FetchRequest(
@@ -433,48 +424,3 @@ class Deployer:
                     )
                 )
             pending += transfer.handle(Tick(now))
-
-    def self_test(self, manifest: Manifest, *, announce: bool = True) -> Decision:
-        """Choose the runtime by measurement, which runs the test vectors; check latency."""
-        name, version = manifest.name, manifest.version
-        if announce:
-            self.emit("self_test", name, version)
-        root = self.store.version_dir(name, version)
-        digest = hashlib.sha256((root / MANIFEST_NAME).read_bytes()).hexdigest()
-        try:
-            report = probe_model(
-                root,
-                manifest,
-                bundle_digest=digest,
-                inventory=self.inventory,
-                objective=self.settings.objective,
-                cache=self.cache,
-                backends=self.platform.backends,
-                isolate=self.platform.isolate_trials,
-            )
-        except EdgefleetError as e:
-            raise DeploymentError("self_test", str(e)) from e
-        selected = report.decision.selected
-        budget = self.settings.latency_budget_ms
-        p50 = selected.measurement.p50_ms
-        if budget is not None and p50 is not None and p50 > budget:
-            raise DeploymentError(
-                "self_test",
-                f"{name} {version}: p50 {p50:.2f} ms exceeds the "
-                f"latency budget {budget:g} ms on {selected.candidate.key}",
-            )
-        return report.decision
-
-    def load(self, manifest: Manifest, decision: Decision) -> ActiveModel:
-        """Load a model for serving (the old one keeps serving until the caller swaps)."""
-        root = self.store.version_dir(manifest.name, manifest.version)
-        runner = ModelRunner(root, manifest, decision, self.platform.backends)
-        try:
-            runner.load()
-        except EdgefleetError as e:
-            raise DeploymentError("self_test", str(e)) from e
-        return ActiveModel(manifest.name, manifest.version, manifest, runner)
-
-    def decision_for(self, name: str, version: str) -> Decision:
-        """The runtime decision for an installed version (cached after its self-test)."""
-        return self.self_test(self.store.manifest(name, version), announce=False)

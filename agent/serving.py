@@ -1,0 +1,113 @@
+"""What the daemon needs to serve installed models: runtime decisions and loaded runners.
+
+Kept apart from :mod:`agent.updater` so that the idle daemon does not import the deployment
+pipeline's trust stack (python-tuf, securesystemslib, cryptography): when deployments run in a
+child process (:mod:`agent.isolation`), only the child imports it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+from agent.config import AgentSettings
+from agent.platform import DevicePlatform
+from agent.runtimes.cache import DecisionCache
+from agent.runtimes.probe import probe_model
+from agent.runtimes.runner import ModelRunner
+from agent.runtimes.selection import Decision
+from agent.store import ModelStore
+from shared.bundle import MANIFEST_NAME
+from shared.errors import EdgefleetError
+from shared.manifest import Manifest
+
+__all__ = ["ActiveModel", "DeploymentError", "Ready", "Runtimes"]
+
+
+class DeploymentError(EdgefleetError):
+    """A deployment stopped; ``failure_class`` says where (download, verification, ...)."""
+
+    def __init__(
+        self, failure_class: str, message: str, *, model: str = "?", version: str = "?"
+    ) -> None:
+        super().__init__(message, check=failure_class)
+        self.failure_class = failure_class
+        self.model = model
+        self.version = version
+
+
+@dataclass
+class ActiveModel:
+    """A model the agent serves: its version, manifest and loaded runner."""
+
+    name: str
+    version: str
+    manifest: Manifest
+    runner: ModelRunner
+
+
+@dataclass(frozen=True)
+class Ready:
+    """A deployed version, installed and self-tested, ready to activate."""
+
+    manifest: Manifest
+    decision: Decision
+    rollback_floor: int
+
+
+class Runtimes:
+    """Choose a runtime for an installed version by measurement (self-test) and load it."""
+
+    def __init__(
+        self, settings: AgentSettings, store: ModelStore, platform: DevicePlatform
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.platform = platform
+        self.cache = DecisionCache(settings.data_dir / "cache" / "runtime-decisions")
+
+    def self_test(self, manifest: Manifest) -> Decision:
+        """Choose the runtime by measurement, which runs the test vectors; check latency.
+
+        The decision is cached on disk: the next call for the same version measures nothing.
+        """
+        name, version = manifest.name, manifest.version
+        root = self.store.version_dir(name, version)
+        digest = hashlib.sha256((root / MANIFEST_NAME).read_bytes()).hexdigest()
+        try:
+            report = probe_model(
+                root,
+                manifest,
+                bundle_digest=digest,
+                inventory=self.platform.inventory,
+                objective=self.settings.objective,
+                cache=self.cache,
+                backends=self.platform.backends,
+                isolate=self.platform.isolate_trials,
+            )
+        except EdgefleetError as e:
+            raise DeploymentError("self_test", str(e)) from e
+        selected = report.decision.selected
+        budget = self.settings.latency_budget_ms
+        p50 = selected.measurement.p50_ms
+        if budget is not None and p50 is not None and p50 > budget:
+            raise DeploymentError(
+                "self_test",
+                f"{name} {version}: p50 {p50:.2f} ms exceeds the "
+                f"latency budget {budget:g} ms on {selected.candidate.key}",
+            )
+        return report.decision
+
+    def decision_for(self, name: str, version: str) -> Decision:
+        """The runtime decision for an installed version (cached after its self-test)."""
+        return self.self_test(self.store.manifest(name, version))
+
+    def load(self, manifest: Manifest, decision: Decision) -> ActiveModel:
+        """Load a model for serving (the old one keeps serving until the caller swaps)."""
+        root = self.store.version_dir(manifest.name, manifest.version)
+        runner = ModelRunner(root, manifest, decision, self.platform.backends)
+        try:
+            runner.load()
+        except EdgefleetError as e:
+            raise DeploymentError("self_test", str(e)) from e
+        return ActiveModel(manifest.name, manifest.version, manifest, runner)
