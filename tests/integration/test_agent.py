@@ -75,7 +75,9 @@ def start_agent(
     *,
     device: str = DEVICE,
     extra_env: dict[str, str] | None = None,
+    command: list[str] | None = None,
 ) -> subprocess.Popen[bytes]:
+    """``edgefleet agent run``, or ``command`` instead (e.g. ``python -m agent run``)."""
     cert, key = broker.pki.client(device)
     config = data_dir.parent / f"{device}.toml"
     config.write_text(
@@ -86,9 +88,7 @@ def start_agent(
     env = {**os.environ, **(extra_env or {})}
     return subprocess.Popen(
         [
-            *CLI,
-            "agent",
-            "run",
+            *(command or [*CLI, "agent", "run"]),
             "--broker",
             f"mqtts://127.0.0.1:{broker.port}",
             "--device-id",
