@@ -453,9 +453,10 @@ def rollout_action(
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"no rollout action {action!r}")
     _rollout(session, rollout_id)
     service = _service(request)
-    try:
-        record = service.act(session, rollout_id, action, actor=token.name, revert=revert)
-    except EdgefleetError as e:
-        raise HTTPException(status.HTTP_409_CONFLICT, str(e)) from e
-    session.commit()
+    with service.stepping:  # the scheduler must not step this rollout until we commit
+        try:
+            record = service.act(session, rollout_id, action, actor=token.name, revert=revert)
+        except EdgefleetError as e:
+            raise HTTPException(status.HTTP_409_CONFLICT, str(e)) from e
+        session.commit()
     return dict(service.status(session, record))

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+import threading
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -201,6 +202,9 @@ class RolloutService:
 
     def __post_init__(self) -> None:
         self._releases: dict[tuple[str, str], ReleaseInfo] = {}
+        # One step at a time in this process: the scheduler thread and request handlers both step
+        # rollouts, and SQLite has no row locks (on PostgreSQL, FOR UPDATE also covers replicas).
+        self.stepping = threading.RLock()
 
     # -- creation ------------------------------------------------------------------------------
 
@@ -404,7 +408,7 @@ class RolloutService:
             ]
             ids += self._converging(session)
         for rollout_id in ids:
-            with Session(self.engine) as session:
+            with self.stepping, Session(self.engine) as session:
                 record = self._lock(session, rollout_id)
                 if record is None:
                     continue
@@ -429,10 +433,12 @@ class RolloutService:
         return [rollout_id for rollout_id, status in newest.values() if status == "completed"]
 
     @staticmethod
-    def _lock(session: Session, rollout_id: str) -> RolloutRecord | None:
+    def _lock(session: Session, rollout_id: str, *, wait: bool = False) -> RolloutRecord | None:
+        """The rollout's row, locked on PostgreSQL until the session ends; None if missing or
+        (without ``wait``) locked by another replica, which is stepping it."""
         query = select(RolloutRecord).where(RolloutRecord.id == rollout_id)
         if session.get_bind().dialect.name == "postgresql":
-            query = query.with_for_update(skip_locked=True)
+            query = query.with_for_update(skip_locked=not wait)
         return session.exec(query).first()
 
     def _step(self, session: Session, record: RolloutRecord, now: datetime) -> None:
@@ -531,8 +537,11 @@ class RolloutService:
     def act(
         self, session: Session, rollout_id: str, action: str, *, actor: str, revert: bool = False
     ) -> RolloutRecord:
-        """Apply an operator action, then step at once (a revert never waits)."""
-        record = session.get(RolloutRecord, rollout_id)
+        """Apply an operator action, then step at once (a revert never waits).
+
+        Call it holding :attr:`stepping` until the session commits.
+        """
+        record = self._lock(session, rollout_id, wait=True)
         if record is None:
             raise UsageError(f"no rollout {rollout_id!r}")
         if action != "abort" and action not in OPERATOR_ACTIONS:
