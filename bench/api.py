@@ -207,7 +207,10 @@ def machine_info() -> dict[str, Any]:
     from bench import common
 
     return common.machine_info(
-        fastapi=fastapi.__version__, uvicorn=uvicorn.__version__, sqlalchemy=sqlalchemy.__version__
+        fastapi=fastapi.__version__,
+        uvicorn=uvicorn.__version__,
+        sqlalchemy=sqlalchemy.__version__,
+        load_average=list(os.getloadavg()),  # other work on the machine moves every figure
     )
 
 
@@ -422,6 +425,7 @@ def run_benchmark(opts: argparse.Namespace, log: Any) -> dict[str, Any]:
     from shared.keystore import KeyStore
 
     results: list[dict[str, Any]] = []
+    load_before = list(os.getloadavg())
     with tempfile.TemporaryDirectory(prefix="edgefleet-bench-api-") as tmp_name:
         tmp = Path(tmp_name)
         keys = tmp / "keys"
@@ -448,7 +452,7 @@ def run_benchmark(opts: argparse.Namespace, log: Any) -> dict[str, Any]:
     return {
         "benchmark": "api",
         "command": shlex.join(getattr(sys, "orig_argv", [sys.executable, *sys.argv])),
-        "machine": machine_info(),
+        "machine": {**machine_info(), "load_average_before": load_before},
         "units": {"latency": "ms", "throughput": "requests/s", "cpu": "cores (CPU s per s)"},
         "request": f"GET /api/v1/devices?limit={page} (one page), and every page of the whole "
         "fleet by limit=1000, following each Link header; Authorization: Bearer; closed loop, "
@@ -476,7 +480,8 @@ def print_report(report: dict[str, Any]) -> None:
     console.print(
         f"[bold]machine:[/] {m['cpu']}, {m['cores']} cores ({m['usable_cores']} usable), "
         f"Python {m['python']}, FastAPI {m['fastapi']}, uvicorn {m['uvicorn']}, "
-        f"SQLAlchemy {m['sqlalchemy']}, {m['os']}"
+        f"SQLAlchemy {m['sqlalchemy']}, {m['os']}; load average before/after "
+        f"{m['load_average_before'][0]:.1f}/{m['load_average'][0]:.1f}"
     )
     console.print(f"[bold]request:[/] {report['request']}")
     table = Table(

@@ -619,7 +619,8 @@ def print_report(report: dict[str, Any]) -> None:
     console.print(
         f"[bold]machine:[/] {m['cpu']}, {m['cores']} cores ({m['usable_cores']} usable), "
         f"Python {m['python']}, mosquitto {m['mosquitto']}, paho-mqtt {m['paho_mqtt']}, "
-        f"SQLAlchemy {m['sqlalchemy']}, psycopg {m['psycopg']}, {m['os']}"
+        f"SQLAlchemy {m['sqlalchemy']}, psycopg {m['psycopg']}, {m['os']}; load average "
+        f"{m['load_average'][0]:.1f} at the end"
     )
     console.print(f"[bold]broker:[/] {report['broker']}; [bold]db:[/] {report['database']}")
     raw, receive, e2e = report["raw"], report["receive_only"], report["end_to_end"]
