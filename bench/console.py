@@ -183,7 +183,7 @@ def sql_limit(db_url: str, runs: int) -> list[float]:
     with Session(engine) as session:
         for _ in range(runs + 1):
             started = time.perf_counter()
-            queries.overview(session, lambda _s, _r: {})
+            queries.overview(session, lambda _session, **_: [])
             times.append(time.perf_counter() - started)
             session.rollback()
     engine.dispose()
@@ -216,13 +216,29 @@ OBSERVE_OFFLINE = """expected => {
 }"""
 
 
+# After a load: where its time went, from the page's own clock (ms since navigation start).
+# The overview page marks "overview-drawn" once its first render is in the DOM.
+LOAD_PARTS = """() => {
+  const overview = performance.getEntriesByType("resource")
+    .filter((e) => e.name.includes("/api/v1/console/overview")).pop();
+  const drawn = performance.getEntriesByName("overview-drawn").pop();
+  return {
+    before_s: overview.startTime / 1000,
+    request_s: (overview.responseEnd - overview.startTime) / 1000,
+    render_s: (drawn.startTime - overview.responseEnd) / 1000,
+  };
+}"""
+
+
 def browser_runs(url: str, db_url: str, opts: argparse.Namespace, log: Any) -> dict[str, Any]:
     from playwright.sync_api import sync_playwright
     from sqlalchemy import text
 
     from fleet.db import make_engine
 
-    renders, latencies = [], []
+    renders: list[float] = []
+    latencies: list[float] = []
+    parts: list[dict[str, float]] = []
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True)
         page = browser.new_page(viewport={"width": 1280, "height": 900})
@@ -234,6 +250,7 @@ def browser_runs(url: str, db_url: str, opts: argparse.Namespace, log: Any) -> d
             page.goto(f"{url}/?run={run}#/")
             page.wait_for_selector("#overview[data-loaded]", state="attached")
             renders.append(time.perf_counter() - started)
+            parts.append(page.evaluate(LOAD_PARTS))
         log(f"  overview render: cold {renders[0] * 1000:.0f} ms")
         page.wait_for_function("document.getElementById('live-state').dataset.state === 'live'")
         engine = make_engine(db_url)
@@ -261,7 +278,7 @@ def browser_runs(url: str, db_url: str, opts: argparse.Namespace, log: Any) -> d
             time.sleep(0.3)  # the next change lands at an arbitrary point of the poll cycle
         engine.dispose()
         browser.close()
-    return {"cold_s": renders[0], "warm_s": renders[1:], "live_s": latencies}
+    return {"cold_s": renders[0], "warm_s": renders[1:], "live_s": latencies, "parts": parts[1:]}
 
 
 # -- parent side ---------------------------------------------------------------------------------
@@ -328,12 +345,17 @@ def run_benchmark(opts: argparse.Namespace, log: Any) -> dict[str, Any]:
                     time.sleep(0.1)
             bundle = signed_release(tmp, keys)
             _call(f"{url}/api/v1/releases", "POST", bundle.read_bytes())
-            rollout = _call(
-                f"{url}/api/v1/rollouts",
-                "POST",
-                json.dumps({"model": "tiny", "version": "2.0.0", "stages": [1, 10, 100]}).encode(),
-            )
-            log(f"rollout {rollout['id']} over {opts.devices} devices; measuring ...")
+            if opts.no_rollout:
+                log("no rollout; measuring ...")
+            else:
+                rollout = _call(
+                    f"{url}/api/v1/rollouts",
+                    "POST",
+                    json.dumps(
+                        {"model": "tiny", "version": "2.0.0", "stages": [1, 10, 100]}
+                    ).encode(),
+                )
+                log(f"rollout {rollout['id']} over {opts.devices} devices; measuring ...")
             endpoint = endpoint_times(url, opts.runs)
             sql = sql_limit(db_url, opts.runs)
             browser = browser_runs(url, db_url, opts, log)
@@ -345,10 +367,16 @@ def run_benchmark(opts: argparse.Namespace, log: Any) -> dict[str, Any]:
         "machine": machine(),
         "devices": opts.devices,
         "database": "sqlite",
+        "active_rollout": not opts.no_rollout,
         "fill_s": round(fill_s, 2),
         "overview_render_cold_ms": round(browser["cold_s"] * 1000, 1),
         "overview_render_ms": _ms(browser["warm_s"]),
         "live_update_ms": _ms(browser["live_s"]),
+        "overview_load_parts_ms": {
+            "before_the_overview_request": _ms([p["before_s"] for p in browser["parts"]]),
+            "overview_request": _ms([p["request_s"] for p in browser["parts"]]),
+            "parse_and_render": _ms([p["render_s"] for p in browser["parts"]]),
+        },
         "overview_endpoint_ms": _ms(endpoint),
         "overview_sql_limit_ms": _ms(sql),
         "goal_ms": GOAL_S * 1000,
@@ -363,10 +391,16 @@ def print_report(report: dict[str, Any]) -> None:
     print(f"         {m['chromium']}, Playwright {m['playwright']}")
     print(f"command: {report['command']}")
     print(f"devices: {report['devices']} on {report['database']} (filled in {report['fill_s']} s)")
+    rollout = "one over the whole fleet" if report["active_rollout"] else "none (--no-rollout)"
+    print(f"active rollout: {rollout}")
     print()
     print(f"{'case':<44}{'p50':>9}{'p95':>9}{'max':>9}   goal")
     rows = [
         ("overview render, warm (goto -> content)", report["overview_render_ms"], True),
+        *(
+            (f"  {name.replace('_', ' ')}", ms, False)
+            for name, ms in report["overview_load_parts_ms"].items()
+        ),
         ("live update (DB commit -> page shows it)", report["live_update_ms"], True),
         ("overview endpoint over HTTP", report["overview_endpoint_ms"], False),
         ("overview SQL aggregates (Core, the limit)", report["overview_sql_limit_ms"], False),
@@ -386,6 +420,9 @@ def main() -> None:
     parser.add_argument("--devices", type=int, default=10_000, help="fleet size (default 10000)")
     parser.add_argument("--runs", type=int, default=10, help="warm overview loads (default 10)")
     parser.add_argument("--changes", type=int, default=10, help="live updates timed (default 10)")
+    parser.add_argument(
+        "--no-rollout", action="store_true", help="start no rollout (the scheduler stays idle)"
+    )
     parser.add_argument("--json", action="store_true", help="print a JSON object instead")
     opts = parser.parse_args()
     if opts.devices < 1 or opts.runs < 1 or opts.changes < 1:

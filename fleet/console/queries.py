@@ -23,11 +23,10 @@ from typing import Any
 from sqlalchemy import and_, case, exists, func, or_
 from sqlalchemy import select as core_select
 from sqlalchemy.sql.elements import ColumnElement
-from sqlmodel import Session, col, select
+from sqlmodel import Session, select
 
 from fleet.models import AuditEntry, Device, DeviceEvent, DeviceModel, RolloutRecord
 from fleet.models import TelemetrySample as Sample
-from fleet.rollout_service import ACTIVE
 
 __all__ = [
     "NotFound",
@@ -50,7 +49,8 @@ EVENTS_SHOWN = 100  # a device page's timeline
 SAMPLES_SHOWN = 120  # telemetry points per chart
 FAILURE_PHASES = ("failed", "rolled_back")
 
-Summaries = Callable[[Session, RolloutRecord], dict[str, Any]]
+# RolloutViews.summaries: (session, active_only=..., limit=...) -> the newest rollouts' summaries
+Summaries = Callable[..., list[dict[str, Any]]]
 
 
 class NotFound(LookupError):  # noqa: N818  (reads as "raise NotFound(...)")
@@ -104,14 +104,7 @@ def overview(session: Session, summaries: Summaries) -> dict[str, Any]:
         "runtimes": _fold_runtimes(runtimes),
         "models": _fold_versions(versions),
         "states": _fold_states(versions),
-        "rollouts": [
-            summaries(session, record)
-            for record in session.exec(
-                select(RolloutRecord)
-                .where(col(RolloutRecord.status).in_(ACTIVE))
-                .order_by(col(RolloutRecord.created_at).desc())
-            )
-        ],
+        "rollouts": summaries(session, active_only=True),
     }
 
 
@@ -147,10 +140,7 @@ def _fold_states(rows: list[Any]) -> dict[str, int]:
 
 def rollout_list(session: Session, summaries: Summaries, *, limit: int = 100) -> dict[str, Any]:
     """The newest ``limit`` rollouts, each as its summary."""
-    records = session.exec(
-        select(RolloutRecord).order_by(col(RolloutRecord.created_at).desc()).limit(limit)
-    )
-    return {"rollouts": [summaries(session, record) for record in records]}
+    return {"rollouts": summaries(session, limit=limit)}
 
 
 # -- devices -------------------------------------------------------------------------------------

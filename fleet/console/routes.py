@@ -77,9 +77,9 @@ def topic_snapshot(session: Session, views: RolloutViews, topic: str) -> dict[st
     """
     kind, _, name = topic.partition("/")
     if kind == "overview":
-        return queries.overview(session, views.summary)
+        return queries.overview(session, views.summaries)
     if kind == "rollouts":
-        return queries.rollout_list(session, views.summary)
+        return queries.rollout_list(session, views.summaries)
     if kind == "audit":
         return queries.audit(session)
     if kind == "rollout" and name:

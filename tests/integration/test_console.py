@@ -480,6 +480,7 @@ def test_a_stopping_server_ends_open_streams_at_once():
     """``end_live_streams`` (called by ``edgefleet fleet serve`` on SIGINT/SIGTERM) ends every
     open stream with ``bye``, instead of the stop waiting up to 30 s for them."""
     import asyncio
+    import concurrent.futures
 
     from fleet.console import routes
     from fleet.console.live import LiveHub
@@ -495,7 +496,9 @@ def test_a_stopping_server_ends_open_streams_at_once():
         chunks.append(await asyncio.wait_for(following, 2))
         return chunks
 
-    chunks = asyncio.run(scenario())
+    # In a thread of its own: Playwright's sync API may run an event loop in this one.
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        chunks = pool.submit(asyncio.run, scenario()).result(timeout=30)
     assert chunks == ["retry: 1000\n\n", "event: update\ndata: {}\n\n", "event: bye\ndata: {}\n\n"]
 
 
