@@ -389,8 +389,8 @@ class Agent:
                     )
             if any(c.type in ("check", "report") for c in batch):
                 self.report_state()
-            if deploys:
-                release_free_memory()
+            if deploys and isinstance(self.deployer, IsolatedDeployer):
+                release_free_memory()  # a device's own process: return the freed heap
 
     def _deploy(self, order: str) -> None:
         try:

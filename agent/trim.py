@@ -11,12 +11,10 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
-import gc
 
 __all__ = ["release_free_memory"]
 
 
 def release_free_memory() -> None:
-    gc.collect()
     with contextlib.suppress(OSError, AttributeError, TypeError):
         ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim(0)
