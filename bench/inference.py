@@ -8,9 +8,10 @@ Set-up: the same broker as ``bench/transfer.py`` (one Mosquitto with the product
 configuration of :mod:`fleet.broker_config`, mutual TLS, plus its loopback plaintext listener), a
 signed bundle of the small example CNN (``shared.example_models``, 32x32x3 input, every format
 that can be built here: ONNX, OpenVINO IR, TFLite) and a second bundle with only its ONNX
-artifact. Each is deployed with a signed order to a fresh, real, unmodified ``edgefleet agent run``
-process (``python -m shared.cli.main``; probation 1 s so it commits quickly, otherwise default
-settings), which selects its runtime by measurement (self-test) as in production.
+artifact. Each is deployed with a signed order to a fresh, real, unmodified agent started as the
+systemd unit starts it (``python -m agent run``, the daemon without the rest of the CLI;
+probation 1 s so it commits quickly, otherwise default settings), which selects its runtime by
+measurement (self-test) as in production.
 
 1. Latency. Batch-1 requests with the bundle's first test vector, ``--requests`` sequential
    requests per method, in ``--rounds`` interleaved rounds (method order rotated each round),
@@ -92,6 +93,7 @@ AGENTS: dict[str, dict[str, Any]] = {  # every case is the agent as shipped
     "example-plain": {"bundle": "example", "transport": "plain", "idle": False},
     "onnx-tls": {"bundle": "onnx", "transport": "tls", "idle": True},
 }
+AGENT_ENTRY = ("agent", "run")  # python -m agent run: what deploy/edgefleet-agent.service runs
 MODEL_NAMES = {"example": "cnn", "onnx": "cnn-onnx"}
 VERSIONS = {"example": "1.0.0", "onnx": "2.0.0"}  # the responder keys releases by version
 
@@ -532,7 +534,9 @@ def run_agent_case(
         responder.publish_release(path)
     version = VERSIONS[bundle_key]
     data_dir = tmp / f"agent-{len(list(tmp.glob('agent-*')))}" / "data"
-    proc = start_agent(broker, transport, releases, data_dir, settings={"probation_s": 1.0})
+    proc = start_agent(
+        broker, transport, releases, data_dir, settings={"probation_s": 1.0}, entry=AGENT_ENTRY
+    )
     result: dict[str, Any] = {
         "bundle": bundle_key,
         "model": model,
@@ -597,7 +601,7 @@ DEPENDENCIES = {
     "paho-mqtt": ["paho.mqtt.client"],
     "CLI: typer, rich": ["typer", "rich.console"],
 }
-AGENT_MODULES = ["shared.cli.main", "agent.daemon"]  # what `edgefleet agent run` imports
+AGENT_MODULES = ["agent.service", "agent.daemon"]  # what `python -m agent run` imports
 
 
 def measure_imports(model_dir: Path, log: Any) -> dict[str, Any]:
@@ -611,7 +615,7 @@ def measure_imports(model_dir: Path, log: Any) -> dict[str, Any]:
     cases: dict[str, dict[str, Any]] = {
         "python, nothing imported": {"modules": []},
         "the agent's third-party dependencies": {"modules": [*STDLIB_FIRST, *every]},
-        "what `edgefleet agent run` imports (CLI + agent.daemon)": {"modules": AGENT_MODULES},
+        "what `python -m agent run` imports": {"modules": AGENT_MODULES},
     }
     for group, modules in DEPENDENCIES.items():
         # everything else first (a group listed with its dependents: pydantic with -settings)
@@ -766,7 +770,7 @@ def print_report(report: dict[str, Any]) -> None:
     )
     console.print(comp)
 
-    idle = Table(title="idle agent after deployment (edgefleet agent run, committed, no requests)")
+    idle = Table(title="idle agent after deployment (python -m agent run, committed, no requests)")
     for col in (
         "agent",
         "runtime",

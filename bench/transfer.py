@@ -472,8 +472,13 @@ def start_agent(
     *,
     settings: dict[str, Any] | None = None,
     log: Path | None = None,
+    entry: tuple[str, ...] = ("shared.cli.main", "agent", "run"),
 ) -> subprocess.Popen[bytes]:
-    """A real ``edgefleet agent run`` (``python -m shared.cli.main``) as device ``dev-001``."""
+    """A real ``edgefleet agent run`` (``python -m shared.cli.main``) as device ``dev-001``.
+
+    ``entry``: the module and arguments after ``python -m`` (``("agent", "run")``: the command
+    the systemd unit runs, same options).
+    """
     data_dir.mkdir(parents=True)
     config = data_dir.parent / f"{data_dir.name}.toml"
     values: dict[str, Any] = {"probation_s": 0.5, **(settings or {})}
@@ -483,9 +488,7 @@ def start_agent(
     command = [
         sys.executable,
         "-m",
-        "shared.cli.main",
-        "agent",
-        "run",
+        *entry,
         "--broker",
         broker.url(transport),
         "--device-id",
