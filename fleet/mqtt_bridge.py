@@ -25,20 +25,23 @@ from __future__ import annotations
 
 import logging
 import queue
+import random
 import threading
 import time
 from collections import defaultdict
+from pathlib import Path
 from typing import Any
 
 from prometheus_client import Counter, Histogram
 from pydantic import BaseModel
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import OperationalError
-from sqlmodel import Session
+from sqlmodel import Session, select
 
 from fleet import crud
 from fleet.config import FleetSettings
 from fleet.distribution import BundleRepository, answer_fetch
+from fleet.models import Release
 from shared.mqtt import Message, MqttLink, MqttSettings
 from shared.protocol import (
     DOWN_CMD,
@@ -54,6 +57,7 @@ from shared.protocol import (
     parse_device_topic,
     parse_payload,
 )
+from shared.trust import target_path
 
 __all__ = ["MqttBridge"]
 
@@ -62,6 +66,11 @@ SHARE_GROUP = "edgefleet-fleet"
 MAX_SEQ = 2**63 - 1  # the database's BIGINT columns
 PENDING_BATCHES = 2  # parsed batches waiting for the store thread; then parsing waits too
 GATHER_S = 0.005  # a batch being filled waits this long for more messages when none is queued
+# PostgreSQL aborts one of two transactions that wait on each other's rows (two replicas storing
+# reports of the same devices) or that conflict: the aborted batch is rolled back whole and
+# stored again, at most this many times.
+TRANSIENT_SQLSTATES = ("40P01", "40001")  # deadlock detected, serialization failure
+STORE_ATTEMPTS = 5
 
 Report = tuple[str, Any]  # ("up/state" | "up/events" | "up/telemetry" | "presence:<id>", body)
 
@@ -193,7 +202,7 @@ class MqttBridge:
     def _store(self, batch: list[Report]) -> None:
         started = time.perf_counter()
         try:
-            self._store_together(batch)
+            self._store_retrying(batch)
         except OperationalError:  # the database is unreachable: the batch is logged, not retried
             logger.exception("could not store a batch of %d device messages", len(batch))
         except Exception as e:  # one refused message must not cost the others
@@ -205,6 +214,20 @@ class MqttBridge:
             for report in batch:
                 self._store_alone(report)
         BATCH_SECONDS.observe(time.perf_counter() - started)
+
+    def _store_retrying(self, batch: list[Report]) -> None:
+        """Store ``batch``, again if the database aborted it to break a deadlock."""
+        for attempt in range(1, STORE_ATTEMPTS + 1):
+            try:
+                self._store_together(batch)
+                return
+            except OperationalError as e:
+                if attempt == STORE_ATTEMPTS:
+                    raise
+                if getattr(e.orig, "sqlstate", None) not in TRANSIENT_SQLSTATES:
+                    raise
+                logger.info("storing a batch again (attempt %d): %s", attempt + 1, _first_line(e))
+                time.sleep(random.uniform(0, 0.05 * attempt))  # noqa: S311 - jitter
 
     def _store_together(self, batch: list[Report]) -> None:
         """Store ``batch`` in one transaction: states (in seq order), events, telemetry, then
@@ -243,6 +266,8 @@ class MqttBridge:
                 device_id, request = self._fetches.get(timeout=0.5)
             except queue.Empty:
                 continue
+            if request.kind == "metadata" or self.repo.manifest(request.target or "") is None:
+                self._index_new_releases()
             topic = device_topic(device_id, DOWN_FETCH)
             for frame in answer_fetch(
                 request, self.repo, max_message=self.settings.max_message_bytes
@@ -250,6 +275,21 @@ class MqttBridge:
                 FETCH_BYTES.inc(len(frame))
                 if not self.link.publish(topic, frame):
                     break
+
+    def _index_new_releases(self) -> None:
+        """Index the releases published through another replica since this one started.
+
+        Replicas share the database and the bundle files, and the broker hands a device's fetch
+        to any replica: each must serve every published release, with the newest metadata.
+        """
+        with Session(self.engine) as session:
+            rows = session.exec(select(Release.name, Release.version, Release.path)).all()
+        for name, version, path in rows:
+            if self.repo.manifest(target_path(name, version)) is None and Path(path).is_file():
+                try:
+                    self.repo.add(Path(path))
+                except Exception:  # one unreadable bundle must not stop serving the others
+                    logger.exception("cannot index the bundle %s", path)
 
 
 def _check_storable(body: Any, *, what: str) -> None:
