@@ -100,13 +100,13 @@ class NetworkFaults:
     flaky_chunk_loss_rate: float = 0.15  # ... lose this share of their chunks
     corrupt_chunk_rate: float = 0.001  # a chunk that arrives with wrong bytes (sha256 mismatch)
     offline_at_start_share: float = 0.03  # offline when the rollout starts ...
-    offline_return_s: tuple[float, float] = (600.0, 2 * 3600.0)  # ... and back uniformly within
+    offline_return_s: tuple[float, float] = (600.0, 3600.0)  # ... and back uniformly within
     unreachable_share: float = 0.002  # offline when it starts and never back
     outage_share: float = 0.03  # devices with one outage during the run ...
-    outage_window_s: float = 2 * 3600.0  # ... starting uniformly within this ...
+    outage_window_s: float = 3600.0  # ... starting uniformly within this ...
     outage_mean_s: float = 1200.0  # ... lasting exponentially this long on average
     newcomer_share: float = 0.01  # devices that enroll while the rollout runs ...
-    newcomer_window_s: float = 2 * 3600.0  # ... uniformly within this
+    newcomer_window_s: float = 3600.0  # ... uniformly within this
 
 
 @dataclass(frozen=True, kw_only=True)
