@@ -20,8 +20,18 @@ from collections.abc import Awaitable, Callable, Iterator
 from datetime import datetime
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request, Response, status
-from pydantic import BaseModel, TypeAdapter
+from fastapi import (
+    APIRouter,
+    Depends,
+    FastAPI,
+    HTTPException,
+    Path,
+    Query,
+    Request,
+    Response,
+    status,
+)
+from pydantic import BaseModel, Field, TypeAdapter
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, col, select
 from starlette.concurrency import run_in_threadpool
@@ -38,6 +48,8 @@ from fleet.models import (
 )
 from fleet.releases import ReleaseConflictError, publish_release
 from shared.errors import EdgefleetError
+from shared.manifest import NAME_PATTERN, VERSION_PATTERN
+from shared.protocol import DEVICE_ID_PATTERN
 
 __all__ = ["router"]
 
@@ -59,6 +71,10 @@ ROLE_RANK = {"viewer": 0, "operator": 1, "admin": 2}
 TOKEN_CACHE_S = 5.0
 DEFAULT_PAGE = 100
 MAX_PAGE = 1000
+MAX_OFFSET = 10**9  # beyond any fleet, and within every database's integers
+NO_CONTROL_CHARACTERS = r"^[^\x00-\x1f]*$"  # PostgreSQL refuses NUL in text outright
+DeviceId = Annotated[str, Path(pattern=DEVICE_ID_PATTERN)]
+RolloutId = Annotated[str, Path(pattern=r"^[A-Za-z0-9._-]{1,64}$")]
 
 
 def get_session(request: Request) -> Iterator[Session]:
@@ -202,13 +218,16 @@ def list_devices(
     request: Request,
     _: Viewer,
     online: bool | None = None,
-    hardware_class: Annotated[str | None, Query(max_length=128)] = None,
-    search: Annotated[str | None, Query(max_length=64)] = None,
+    hardware_class: Annotated[
+        str | None, Query(max_length=128, pattern=NO_CONTROL_CHARACTERS)
+    ] = None,
+    search: Annotated[str | None, Query(max_length=64, pattern=r"^[A-Za-z0-9._-]*$")] = None,
     limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = DEFAULT_PAGE,
     after: Annotated[
-        str | None, Query(max_length=64, description="the last device id of the previous page")
+        str | None,
+        Query(pattern=DEVICE_ID_PATTERN, description="the last device id of the previous page"),
     ] = None,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
 ) -> Response:
     """Devices ordered by id, one page at a time (see the ``Link`` header for the next).
 
@@ -240,7 +259,7 @@ def list_devices(
 
 
 @router.get("/devices/{device_id}", responses=_errors(404))
-def show_device(device_id: str, session: SessionDep, _: Viewer) -> dict[str, Any]:
+def show_device(device_id: DeviceId, session: SessionDep, _: Viewer) -> dict[str, Any]:
     device = session.get(Device, device_id)
     if device is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"no device {device_id!r}")
@@ -327,7 +346,7 @@ def audit_log(
 
 
 class TokenIn(BaseModel):
-    name: str
+    name: str = Field(min_length=1, max_length=64, pattern=NO_CONTROL_CHARACTERS)
     role: str
 
 
@@ -354,7 +373,7 @@ def create_token(body: TokenIn, session: SessionDep, token: Admin) -> dict[str, 
 
 @router.post("/devices/{device_id}/enroll", status_code=status.HTTP_201_CREATED)
 def enroll_device(
-    device_id: str, request: Request, session: SessionDep, token: Admin
+    device_id: DeviceId, request: Request, session: SessionDep, token: Admin
 ) -> dict[str, Any]:
     """Register a device and issue its mutual-TLS credentials (returned once)."""
     from fleet.pki import DeviceCA
@@ -381,9 +400,9 @@ def enroll_device(
 
 
 class RolloutIn(BaseModel):
-    model: str
-    version: str
-    target: str = ""
+    model: str = Field(pattern=NAME_PATTERN)
+    version: str = Field(pattern=VERSION_PATTERN)
+    target: str = Field(default="", max_length=512, pattern=NO_CONTROL_CHARACTERS)
     stages: list[float] | None = None
     soak_s: float = 600.0
     max_failure_rate: float = 0.05
@@ -428,21 +447,21 @@ def _rollout(session: Session, rollout_id: str) -> Any:
 
 @router.get("/rollouts/{rollout_id}", responses=_errors(404))
 def rollout_status(
-    rollout_id: str, request: Request, session: SessionDep, _: Viewer
+    rollout_id: RolloutId, request: Request, session: SessionDep, _: Viewer
 ) -> dict[str, Any]:
     return dict(_service(request).status(session, _rollout(session, rollout_id)))
 
 
 @router.get("/rollouts/{rollout_id}/preview", responses=_errors(404))
 def rollout_preview(
-    rollout_id: str, request: Request, session: SessionDep, _: Viewer
+    rollout_id: RolloutId, request: Request, session: SessionDep, _: Viewer
 ) -> dict[str, Any]:
     return dict(_service(request).preview(session, _rollout(session, rollout_id)))
 
 
 @router.post("/rollouts/{rollout_id}/{action}", responses=_errors(404, 409))
 def rollout_action(
-    rollout_id: str,
+    rollout_id: RolloutId,
     action: str,
     request: Request,
     session: SessionDep,

@@ -3,8 +3,9 @@
 Schemathesis reads ``/openapi.json`` from the application and generates requests for every
 operation, valid and invalid ones, with an admin token so that they get past authorisation. For
 each answer it checks two things: it is not a server error (5xx), and a documented answer has
-the documented shape. A bounded number of examples per operation keeps the run short; the
-database is SQLite in a temporary directory, fresh for the module.
+the documented shape. A bounded number of examples per operation keeps the run short. It runs
+on SQLite (a fresh file) and on the test PostgreSQL database, which refuses some input that
+SQLite takes (a NUL character in a string, say).
 
 The operations are those of :mod:`fleet.api`, the API that clients and the command line use.
 The console's own endpoints (``/api/v1/console/...``) are left out for now: they still answer
@@ -23,6 +24,7 @@ from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import response_schema_conformance
+from sqlalchemy import create_engine, text
 
 from fleet.app import create_app
 from fleet.config import FleetSettings
@@ -34,15 +36,21 @@ ADMIN = "admin-secret-for-schema-tests"
 EXAMPLES_PER_OPERATION = 50
 
 
-@pytest.fixture(scope="module")
-def fleet_app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FastAPI]:
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def fleet_app(request, tmp_path_factory: pytest.TempPathFactory) -> Iterator[FastAPI]:
     root = tmp_path_factory.mktemp("schema")
     keys = KeyStore.create(root / "keys", now=datetime.now(UTC))
+    db = request.getfixturevalue("postgres_url") if request.param == "postgresql" else None
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("EDGEFLEET_ADMIN_TOKEN", ADMIN)
-        app = create_app(FleetSettings(keys=keys.path, data_dir=root / "fleet"))
+        app = create_app(FleetSettings(db=db, keys=keys.path, data_dir=root / "fleet"))
         with TestClient(app):  # runs the start-up: migrations, the admin token, the scheduler
             yield app
+    if db is not None:  # leave the shared test database empty for the tests after this one
+        engine = create_engine(db)
+        with engine.begin() as connection:
+            connection.execute(text("DROP SCHEMA public CASCADE; CREATE SCHEMA public"))
+        engine.dispose()
 
 
 def test_no_request_gets_a_server_error_or_an_undocumented_answer(fleet_app):
