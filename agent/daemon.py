@@ -12,6 +12,10 @@ Threads, and what each may touch:
   idle daemon does not keep the trust stack and the deployment's memory;
 - the **inference** thread answers ``infer/request`` with the active model of each name.
 
+A deployment interrupted by a restart (a power cut, a crash) resumes at the next start: its order
+is kept in ``pending-order.json`` until the deployment ends, and the chunks already verified are
+not fetched again.
+
 Active models live in a dict replaced as a whole, so a request sees either the old model or the
 new one, never a gap: the new model is loaded before it is swapped in, and the old one is closed
 after.
@@ -126,6 +130,7 @@ class Agent:
         self._seq = int(time.time() * 1000)
         self._seq_lock = threading.Lock()
         self._probation_path = settings.data_dir / "probation.json"
+        self._pending_path = settings.data_dir / "pending-order.json"
         write_atomic(
             settings.data_dir / "identity.json",
             json.dumps(
@@ -297,6 +302,7 @@ class Agent:
         ``heartbeat`` is called from the main loop every half second (systemd's watchdog).
         """
         self._load_installed()
+        self._resume_interrupted_deployment()
         self.link.start()
         workers = [
             threading.Thread(target=f, name=n, daemon=True)
@@ -376,8 +382,16 @@ class Agent:
                 batch.append(self.commands.get_nowait())
             deploys = [c for c in batch if c.type == "deploy" and c.order]
             if deploys:
+                order = deploys[-1].order or ""
+                # Kept until the deployment ends, however it ends: a restart (power cut) resumes it.
+                write_atomic(
+                    self._pending_path,
+                    json.dumps(
+                        {"order": order, "sequence_before": self.store.state.order_sequence}
+                    ).encode(),
+                )
                 try:
-                    self._deploy(deploys[-1].order or "")
+                    self._deploy(order)
                 except Exception:  # the worker must outlive any bug: report, keep serving
                     logger.exception("deployment crashed")
                     self._emit(
@@ -387,10 +401,31 @@ class Agent:
                         failure_class="internal",
                         detail="the agent hit an internal error; see its log",
                     )
+                self._pending_path.unlink(missing_ok=True)
             if any(c.type in ("check", "report") for c in batch):
                 self.report_state()
             if deploys and isinstance(self.deployer, IsolatedDeployer):
                 release_free_memory()  # a device's own process: return the freed heap
+
+    def _resume_interrupted_deployment(self) -> None:
+        """Queue again the order whose deployment a restart interrupted (before any thread runs).
+
+        Its sequence number was recorded when it was accepted, so the record goes back to what
+        it was before: the same signed order is verified again (signature, expiry, device) and
+        resumes from the chunks already downloaded and verified.
+        """
+        try:
+            pending = json.loads(self._pending_path.read_text())
+            order, before = str(pending["order"]), int(pending["sequence_before"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return
+        logger.warning("%s: resuming the deployment a restart interrupted", self.device_id)
+        if self.store.state.order_sequence > before:
+            self.store.state.order_sequence = before
+            self.store.save_state()
+        self.commands.put(
+            Command(id="resume", type="deploy", issued_at=datetime.now(UTC), order=order)
+        )
 
     def _deploy(self, order: str) -> None:
         try:
