@@ -879,7 +879,7 @@ def _devices(run: _Run) -> dict[str, Any]:
         "enrolled_mid_rollout": _group(run, [d for d in run.devices if d.enroll_at > 0]),
         "with_an_outage": _group(run, [d for d in enrolled if d.outage is not None]),
         "updated_after_completion": sum(t > completed for t in done),
-        "updated_by_s": {
+        "committed_at_s": {  # when devices committed the version (end of probation)
             "p50": round(_percentile(done, 50), 1) if done else None,
             "p99": round(_percentile(done, 99), 1) if done else None,
             "last": round(done[-1], 1) if done else None,
@@ -897,7 +897,7 @@ def _blast(run: _Run) -> dict[str, Any]:
         "ever_ran": len(ran),
         "ever_ran_by_engine": sum(p.ran_new for p in progress.values()),
         "outside_first_stage": len(outside),
-        "outside_first_stage_devices": outside[:20],
+        "outside_first_stage_devices": [] if run.finished == "completed" else outside[:20],
         "still_running": sum(d.running == version for d in run.devices),
         "by_engine_state": dict(sorted(states.items())),
         "preview_blast_radius": run.preview_blast_radius,
