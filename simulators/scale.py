@@ -275,8 +275,7 @@ class _Run:
         self.finished = ""
         self.counts: Counter[str] = Counter()
         self.switched_at: dict[int, float] = {}  # device -> when it committed the new version
-        self.assigned: dict[str, int] = {}  # device -> its stage at the first step
-        self.first_failure_at: float | None = None  # the fleet hears of a failure of the version
+        self.first_failure_at: float | None = None  # a step first receives a failure of it
 
     # -- the loop --------------------------------------------------------------------------------
 
@@ -373,8 +372,6 @@ class _Run:
         seconds = time.perf_counter() - started
         self.step_seconds.append(seconds)
         before, self.rollout = self.rollout, result.rollout
-        if not self.assigned:  # the stage each device was assigned to (Rule 1)
-            self.assigned = {did: p.stage for did, p in self.rollout.progress.items()}
         self.last_step_at, self.next_timer, self.views_changed = self.now, None, False
         for action in result.actions:
             if isinstance(action, Dispatch | Revert):
@@ -473,17 +470,25 @@ class _Run:
         )
 
     def _cohort_timing(self, stage: int, before: Rollout) -> dict[str, Any]:
-        """Why a gate came when it did: its soak runs from the cohort's last report (``before``
-        the deciding step), and devices that joined the stage from elsewhere (newly enrolled, or
-        left pending in an earlier stage while offline) report late."""
-        last, joined = self.stage_starts.get(stage, 0.0), 0
+        """Why a gate came when it did. Its soak runs from the cohort's last report (``before``
+        the deciding step), and devices that came online or enrolled after the stage started
+        join it (Rule 2) and report late."""
+        start = self.stage_starts.get(stage, 0.0)
+        last = rest = start  # the last report of the cohort, and of its devices online at start
+        late = 0
         for did, p in before.progress.items():
             if p.stage != stage or not p.attempts:
                 continue
+            joined = self.devices[self.index[did]].came_online_at > start
+            late += joined
             if p.state is _SUCCEEDED or p.state is _FAILED:
                 last = max(last, p.updated_at)
-            joined += self.assigned.get(did) != stage
-        return {"last_cohort_report_at_s": round(last, 1), "joined_from_elsewhere": joined}
+                rest = rest if joined else max(rest, p.updated_at)
+        return {
+            "last_cohort_report_at_s": round(last, 1),
+            "came_online_later": late,
+            "others_last_report_at_s": round(rest, 1),
+        }
 
     def _check_finished(self) -> None:
         state = self.rollout.state
@@ -790,6 +795,7 @@ class _Run:
     def _on_online(self, dev: SimDevice, _: object) -> None:
         self.presence_ahead -= 1
         dev.online = dev.ever_online = True
+        dev.came_online_at = self.now
         dev.outage_gen += 1
         self._up(dev, _UP_PRESENCE, True)
         for kind, payload in dev.outbox:
@@ -927,7 +933,7 @@ def simulate(config: ScaleConfig, release: Release) -> dict[str, Any]:
             "finished_at_s": round(run.now, 1),
             "completed_at_s": run.state_at.get("completed"),
             "halted_at_s": run.state_at.get("halted"),
-            "first_failure_reported_at_s": run.first_failure_at,
+            "first_failure_received_at_s": run.first_failure_at,
             "stages": _stages(run),
         },
         "devices": _devices(run),
@@ -1022,8 +1028,9 @@ def _scenario_lines(name: str, r: dict[str, Any]) -> list[str]:
         lines.append(
             f"  stage {st['stage']} ({st['percent']:g}%): {_minutes(st['started_at_s'])} -> "
             f"gate {g['verdict']} at {_minutes(g['at_s'])}; cohort {g['cohort']:,} "
-            f"({g['joined_from_elsewhere']} joined from elsewhere), last report "
-            f"{_minutes(g['last_cohort_report_at_s'])}"
+            f"({g['came_online_later']} came online later); last report "
+            f"{_minutes(g['last_cohort_report_at_s'])} (of the others: "
+            f"{_minutes(g['others_last_report_at_s'])})"
         )
         if g["verdict"] != "pass":
             lines.append(f"    {g['reason']}")
@@ -1044,8 +1051,8 @@ def _scenario_lines(name: str, r: dict[str, Any]) -> list[str]:
         lines.append(
             f"  blast radius: {blast['ever_ran']:,} devices ran {version} "
             f"({blast['outside_first_stage']} outside stage 0; {blast['still_running']} still "
-            f"run it; engine states {blast['by_engine_state']}); first failure reported at "
-            f"{_minutes(sim['first_failure_reported_at_s'])}, halted at "
+            f"run it; engine states {blast['by_engine_state']}); first failure received at "
+            f"{_minutes(sim['first_failure_received_at_s'])}, halted at "
             f"{_minutes(sim['halted_at_s'])}"
         )
     step_ms = eng["step_ms"]

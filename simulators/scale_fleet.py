@@ -180,6 +180,7 @@ class SimDevice:
     # what the device holds and runs
     online: bool = False
     ever_online: bool = False
+    came_online_at: float = 0.0  # the last time it came (back) online or enrolled
     running: str | None = None
     previous: str | None = None
     installed: set[str] = field(default_factory=set)
