@@ -17,8 +17,9 @@ Ingest is a pipeline of two threads, so that parsing the next batch overlaps sto
   the bad message is dropped, with the database's reason in the log.
 
 Delivery: paho acknowledges a QoS 1 message to the broker when it has read it, before it is
-stored. Messages read but not yet stored (the link's queue and at most three batches) are lost if
-the process dies; :meth:`MqttBridge.stop` disconnects first and then stores everything read.
+stored. Messages read but not yet stored (the link's queue, the batch being filled and up to
+three more) are lost if the process dies; :meth:`MqttBridge.stop` disconnects first and then
+stores everything read.
 """
 
 from __future__ import annotations
