@@ -76,6 +76,7 @@ __all__ = ["Agent"]
 
 logger = logging.getLogger(__name__)
 AGENT_VERSION = "0.1.0"
+IDLE_WAKE_S = 30.0  # with no probation to watch, the worker wakes this often if nothing comes
 
 
 class _Metrics:
@@ -124,8 +125,9 @@ class Agent:
         self.deployer = self._make_deployer()
         self.models: dict[str, ActiveModel] = {}
         self.metrics: dict[str, _Metrics] = {}
-        self.commands: queue.Queue[Command] = queue.Queue()
-        self.inference: queue.Queue[Message] = queue.Queue()
+        # None in a queue wakes its thread to stop (the threads block: an idle agent never polls).
+        self.commands: queue.Queue[Command | None] = queue.Queue()
+        self.inference: queue.Queue[Message | None] = queue.Queue()
         self._stop = threading.Event()
         self._seq = int(time.time() * 1000)
         self._seq_lock = threading.Lock()
@@ -315,7 +317,9 @@ class Agent:
         for worker in workers:
             worker.start()
         next_telemetry = time.monotonic() + self.settings.telemetry_interval_s
-        while not self._stop.wait(0.5):
+        while not self._stop.wait(
+            0.5 if heartbeat is not None else max(0.0, next_telemetry - time.monotonic())
+        ):
             if heartbeat is not None:
                 heartbeat()
             if time.monotonic() >= next_telemetry:
@@ -335,16 +339,18 @@ class Agent:
 
     def stop(self) -> None:
         self._stop.set()
+        self.commands.put(None)
+        self.inference.put(None)
+        self.link.events.put(Disconnected(reason="the agent is stopping", retry_in_s=0.0))
 
     def _dispatch(self) -> None:
         fetch = device_topic(self.device_id, DOWN_FETCH)
         cmd = device_topic(self.device_id, DOWN_CMD)
         infer = device_topic(self.device_id, INFER_REQUEST)
-        while not self._stop.is_set():
-            try:
-                event = self.link.events.get(timeout=0.5)
-            except queue.Empty:
-                continue
+        while True:
+            event = self.link.events.get()
+            if self._stop.is_set():
+                return
             if isinstance(self.deployer, IsolatedDeployer) and not isinstance(event, Message):
                 self.deployer.set_connected(isinstance(event, Connected))
             if isinstance(event, Connected):
@@ -372,14 +378,18 @@ class Agent:
         """The only thread that changes the model store: deployments, commits, rollbacks."""
         while not self._stop.is_set():
             self._check_probation()
+            watching = self._probation_path.exists()  # probation ends by time: wake to check
             try:
-                command = self.commands.get(timeout=0.5)
+                command = self.commands.get(timeout=0.5 if watching else IDLE_WAKE_S)
             except queue.Empty:
                 continue
             # Single flight: take everything queued and keep the newest deploy order.
             batch = [command]
             while not self.commands.empty():
                 batch.append(self.commands.get_nowait())
+            if None in batch:
+                return
+            batch = [c for c in batch if c is not None]
             deploys = [c for c in batch if c.type == "deploy" and c.order]
             if deploys:
                 order = deploys[-1].order or ""
@@ -539,11 +549,10 @@ class Agent:
         return active.version, outputs
 
     def _serve_inference(self) -> None:
-        while not self._stop.is_set():
-            try:
-                message = self.inference.get(timeout=0.5)
-            except queue.Empty:
-                continue
+        while True:
+            message = self.inference.get()
+            if message is None or self._stop.is_set():
+                return
             self._answer(message)
 
     def _answer(self, message: Message) -> None:
