@@ -213,7 +213,17 @@ def whoami(token: Viewer) -> dict[str, str]:
     return {"name": token.name, "role": token.role}
 
 
-@router.get("/devices", response_model=list[DeviceOut])
+NEXT_PAGE_HEADER = {
+    "Link": {
+        "description": 'On a full page: `<URL of the next page>; rel="next"`.',
+        "schema": {"type": "string"},
+    }
+}
+
+
+@router.get(
+    "/devices", response_model=list[DeviceOut], responses={200: {"headers": NEXT_PAGE_HEADER}}
+)
 def list_devices(
     request: Request,
     _: Viewer,
