@@ -15,6 +15,7 @@ from pathlib import Path
 
 from agent.runtimes.inventory import Inventory, scan
 from agent.runtimes.registry import BACKENDS
+from agent.runtimes.trial import TrialSettings
 
 __all__ = ["DevicePlatform"]
 
@@ -24,6 +25,7 @@ class DevicePlatform:
     inventory: Inventory
     backends: Mapping[str, str] = field(default_factory=lambda: dict(BACKENDS))
     isolate_trials: bool = True  # False only for trusted, simulated backends
+    trial_settings: TrialSettings | None = None  # how hard to time each candidate (None: default)
     health_root: Path = Path("/")  # where /proc and /sys are read for health samples
     # Run each deployment in a child process (agent.isolation) so that the idle daemon never
     # holds the memory of the trust stack, the download and the self-test. Only a real device

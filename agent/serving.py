@@ -84,6 +84,7 @@ class Runtimes:
                 cache=self.cache,
                 backends=self.platform.backends,
                 isolate=self.platform.isolate_trials,
+                settings=self.platform.trial_settings,
             )
         except EdgefleetError as e:
             raise DeploymentError("self_test", str(e)) from e

@@ -34,6 +34,7 @@ import numpy as np
 from agent.platform import DevicePlatform
 from agent.runtimes.base import Backend, Candidate, RuntimeLoadError, RuntimeStatus
 from agent.runtimes.inventory import Accelerator, CpuInfo, Inventory
+from agent.runtimes.trial import TrialSettings
 from shared.bundle import MANIFEST_NAME
 from shared.errors import EdgefleetError, UsageError
 from shared.manifest import Artifact, Manifest, parse_manifest
@@ -77,6 +78,9 @@ class HardwareProfile:
             inventory=self.inventory(),
             backends={"onnxruntime": f"simulators.hardware:SimulatedBackend?profile={self.name}"},
             isolate_trials=False,
+            # Every test vector is still checked; the timing needs few runs, since a simulated
+            # accelerator's latency is the profile's scale (and each run costs real CPU here).
+            trial_settings=TrialSettings(warmup_runs=1, min_runs=3, max_runs=5, target_s=0.1),
         )
 
 
