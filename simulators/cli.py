@@ -106,3 +106,20 @@ def run(
     else:
         for label, count in sorted(summary["versions"].items()):
             console.print(f"  {label}: {count} devices")
+
+
+@app.command("scale")
+def scale(
+    devices: Annotated[int, typer.Option(min=10, help="Fleet size.")] = 100_000,
+    seed: Annotated[int, typer.Option(help="Fleet and fault seed.")] = 1,
+    scenario: Annotated[str, typer.Option(help="good, bad or both.")] = "both",
+    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON object.")] = False,
+) -> None:
+    """Rehearse a rollout on a modelled fleet: the real rollout engine and transfer state machine
+    on a discrete-event clock (no broker, no processes); see simulators/scale.py."""
+    from simulators.scale import main as scale_main
+
+    argv = ["--devices", str(devices), "--seed", str(seed), "--scenario", scenario]
+    if scenario not in ("good", "bad", "both"):
+        raise UsageError(f"--scenario must be good, bad or both, got {scenario!r}")
+    raise typer.Exit(scale_main([*argv, "--json"] if as_json else argv))
