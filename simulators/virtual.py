@@ -51,6 +51,7 @@ __all__ = ["DeviceFault", "Simulation", "SimulationOptions", "VirtualDevice", "p
 logger = logging.getLogger(__name__)
 DEVICE_FAULTS = ("offline", "kill-install", "lost-chunks", "late-enroll")
 MODEL_FAULTS = ("wrong-output", "slow")
+MAX_CONNECTING = 20  # devices switched on but not yet connected, at most, while starting
 
 
 # -- faults ------------------------------------------------------------------------------------
@@ -280,6 +281,10 @@ class VirtualDevice:
         if thread is not None:
             thread.join(30)
 
+    def connected(self) -> bool:
+        agent_ = self.agent
+        return agent_ is not None and agent_.link.connected.is_set()
+
     def should_cut(self, point: str) -> bool:
         fault = self.fault("kill-install")
         if fault is None or self._cut_done or fault.point != point:
@@ -390,9 +395,17 @@ class Simulation:
         with httpx.Client(
             base_url=o.fleet_url, timeout=60, headers={"Authorization": f"Bearer {o.token}"}
         ) as fleet:
+            connecting: list[VirtualDevice] = []
             for number, device in enumerate(devices, 1):
                 device.enroll(fleet)
                 device.power_on(o.broker, self.overrides)
+                connecting.append(device)
+                # No connection storm: at most MAX_CONNECTING TLS handshakes under way at once
+                # (a thousand at a time starve each other past the connect timeout).
+                while len(connecting) >= MAX_CONNECTING:
+                    connecting = [d for d in connecting if not d.connected()]
+                    if len(connecting) >= MAX_CONNECTING:
+                        time.sleep(0.02)
                 if progress is not None:
                     progress(number, len(devices))
                 time.sleep(1.0 / o.start_rate)
