@@ -903,6 +903,7 @@ def _blast(run: _Run) -> dict[str, Any]:
         "ever_ran": len(ran),
         "ever_ran_by_engine": sum(p.ran_new for p in progress.values()),
         "outside_first_stage": len(outside),
+        "came_online_after_the_start": sum(d.came_online_at > 0 for d in ran),
         "outside_first_stage_devices": [] if run.finished == "completed" else outside[:20],
         "still_running": sum(d.running == version for d in run.devices),
         "by_engine_state": dict(sorted(states.items())),
@@ -1050,7 +1051,8 @@ def _scenario_lines(name: str, r: dict[str, Any]) -> list[str]:
     else:
         lines.append(
             f"  blast radius: {blast['ever_ran']:,} devices ran {version} "
-            f"({blast['outside_first_stage']} outside stage 0; {blast['still_running']} still "
+            f"({blast['came_online_after_the_start']} of them came online after the start; "
+            f"{blast['outside_first_stage']} outside stage 0; {blast['still_running']} still "
             f"run it; engine states {blast['by_engine_state']}); first failure received at "
             f"{_minutes(sim['first_failure_received_at_s'])}, halted at "
             f"{_minutes(sim['halted_at_s'])}"
