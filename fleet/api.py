@@ -43,6 +43,7 @@ from fleet.models import (
     Device,
     DeviceEvent,
     DeviceModel,
+    GroupPin,
     Release,
     RolloutRecord,
 )
@@ -75,6 +76,8 @@ MAX_OFFSET = 10**9  # beyond any fleet, and within every database's integers
 NO_CONTROL_CHARACTERS = r"^[^\x00-\x1f]*$"  # PostgreSQL refuses NUL in text outright
 DeviceId = Annotated[str, Path(pattern=DEVICE_ID_PATTERN)]
 RolloutId = Annotated[str, Path(pattern=r"^[A-Za-z0-9._-]{1,64}$")]
+GroupName = Annotated[str, Path(pattern=r"^[A-Za-z0-9._-]{1,64}$")]
+ModelName = Annotated[str, Path(pattern=NAME_PATTERN)]
 
 
 def get_session(request: Request) -> Iterator[Session]:
@@ -404,6 +407,127 @@ def enroll_device(
         "ca_pem": credentials.ca_pem.decode(),
         "trust_root": request.app.state.trust_root.decode(),
     }
+
+
+# -- pins and groups -----------------------------------------------------------------------------
+# A pin keeps a device (or every device of a group) on one version of a model: rollouts skip it
+# until the pin goes. A device's own pin wins over its group's.
+
+
+class PinIn(BaseModel):
+    version: str = Field(pattern=VERSION_PATTERN)
+
+
+class GroupIn(BaseModel):
+    group: str | None = Field(pattern=r"^[A-Za-z0-9._-]{1,64}$")
+
+
+def _device(session: Session, device_id: str) -> Device:
+    device = session.get(Device, device_id)
+    if device is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no device {device_id!r}")
+    return device
+
+
+@router.put("/devices/{device_id}/pins/{model}", responses=_errors(404))
+def pin_device(
+    device_id: DeviceId, model: ModelName, body: PinIn, session: SessionDep, token: Operator
+) -> dict[str, Any]:
+    """Keep this device on ``version`` of ``model`` whatever rollouts say."""
+    device = _device(session, device_id)
+    device.pinned = {**(device.pinned or {}), model: body.version}
+    session.add(device)
+    crud.append_audit(
+        session,
+        actor=token.name,
+        action="device.pin",
+        target=device_id,
+        details={"model": model, "version": body.version},
+    )
+    session.commit()
+    return {"device_id": device_id, "pinned": device.pinned}
+
+
+@router.delete("/devices/{device_id}/pins/{model}", responses=_errors(404))
+def unpin_device(
+    device_id: DeviceId, model: ModelName, session: SessionDep, token: Operator
+) -> dict[str, Any]:
+    device = _device(session, device_id)
+    if model not in (device.pinned or {}):
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"{device_id} has no pin for {model}")
+    device.pinned = {k: v for k, v in device.pinned.items() if k != model}
+    session.add(device)
+    crud.append_audit(
+        session, actor=token.name, action="device.unpin", target=device_id, details={"model": model}
+    )
+    session.commit()
+    return {"device_id": device_id, "pinned": device.pinned}
+
+
+@router.put("/devices/{device_id}/group", responses=_errors(404))
+def set_group(
+    device_id: DeviceId, body: GroupIn, session: SessionDep, token: Operator
+) -> dict[str, Any]:
+    """Put the device in a group (rollout targets ``group=NAME``, group pins), or none."""
+    device = _device(session, device_id)
+    device.group = body.group
+    session.add(device)
+    crud.append_audit(
+        session,
+        actor=token.name,
+        action="device.group",
+        target=device_id,
+        details={"group": body.group},
+    )
+    session.commit()
+    return {"device_id": device_id, "group": device.group}
+
+
+@router.get("/groups/{group}/pins")
+def group_pins(group: GroupName, session: SessionDep, _: Viewer) -> dict[str, str]:
+    return {
+        p.model: p.version for p in session.exec(select(GroupPin).where(GroupPin.group == group))
+    }
+
+
+@router.put("/groups/{group}/pins/{model}")
+def pin_group(
+    group: GroupName, model: ModelName, body: PinIn, session: SessionDep, token: Operator
+) -> dict[str, str]:
+    """Keep every device of ``group`` (now and later) on ``version`` of ``model``."""
+    pin = session.exec(
+        select(GroupPin).where(GroupPin.group == group, GroupPin.model == model)
+    ).first() or GroupPin(
+        group=group, model=model, version=body.version, set_by=token.name, set_at=crud.now_utc()
+    )
+    pin.version, pin.set_by, pin.set_at = body.version, token.name, crud.now_utc()
+    session.add(pin)
+    crud.append_audit(
+        session,
+        actor=token.name,
+        action="group.pin",
+        target=group,
+        details={"model": model, "version": body.version},
+    )
+    session.commit()
+    return group_pins(group, session, token)
+
+
+@router.delete("/groups/{group}/pins/{model}", responses=_errors(404))
+def unpin_group(
+    group: GroupName, model: ModelName, session: SessionDep, token: Operator
+) -> dict[str, str]:
+    pin = session.exec(
+        select(GroupPin).where(GroupPin.group == group, GroupPin.model == model)
+    ).first()
+    if pin is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"group {group} has no pin for {model}")
+    session.delete(pin)
+    crud.append_audit(
+        session, actor=token.name, action="group.unpin", target=group, details={"model": model}
+    )
+    session.commit()
+    return group_pins(group, session, token)
 
 
 # -- rollouts ------------------------------------------------------------------------------------

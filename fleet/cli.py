@@ -211,6 +211,58 @@ def show_device(
     console.print(json.dumps(device, indent=2, default=str))
 
 
+@device_app.command("pin")
+def pin(
+    model: Annotated[str, typer.Argument(help="The model to hold.")],
+    version: Annotated[str, typer.Argument(help="The version to keep.")],
+    device: Annotated[str | None, typer.Option(help="Pin this device.")] = None,
+    group: Annotated[str | None, typer.Option(help="Pin every device of this group.")] = None,
+    fleet: FleetUrl = None,
+) -> None:
+    """Keep a device, or every device of a group, on one version of a model (rollouts skip it).
+
+    A device's own pin wins over its group's.
+    """
+    path = _pin_path(device, group, model)
+    with _client(fleet) as client:
+        _check(client.put(path, json={"version": version}))
+    console.print(f"{device or 'group ' + str(group)}: {model} pinned to {version}")
+
+
+@device_app.command("unpin")
+def unpin(
+    model: Annotated[str, typer.Argument(help="The model to release.")],
+    device: Annotated[str | None, typer.Option(help="Unpin this device.")] = None,
+    group: Annotated[str | None, typer.Option(help="Unpin this group.")] = None,
+    fleet: FleetUrl = None,
+) -> None:
+    """Remove a pin: rollouts of the model reach the device (or group) again."""
+    with _client(fleet) as client:
+        _check(client.delete(_pin_path(device, group, model)))
+    console.print(f"{device or 'group ' + str(group)}: {model} no longer pinned")
+
+
+@device_app.command("group")
+def set_group(
+    device_id: Annotated[str, typer.Argument()],
+    group: Annotated[str, typer.Argument(help="The group's name; '-' for none.")],
+    fleet: FleetUrl = None,
+) -> None:
+    """Put a device in a group (rollout targets group=NAME, group pins)."""
+    with _client(fleet) as client:
+        body = {"group": None if group == "-" else group}
+        _check(client.put(f"/api/v1/devices/{device_id}/group", json=body))
+    console.print(f"{device_id}: group {group}")
+
+
+def _pin_path(device: str | None, group: str | None, model: str) -> str:
+    if (device is None) == (group is None):
+        raise UsageError("give exactly one of --device ID or --group NAME")
+    if device is not None:
+        return f"/api/v1/devices/{device}/pins/{model}"
+    return f"/api/v1/groups/{group}/pins/{model}"
+
+
 @device_app.command("enroll")
 def enroll(
     device_id: Annotated[str, typer.Argument(help="The new device's id.")],

@@ -40,6 +40,21 @@ class Device(SQLModel, table=True):
     order_sequence: int = 0  # last director order sequence sent (monotonic per device)
 
 
+class GroupPin(SQLModel, table=True):
+    """Every device of ``group`` stays on ``version`` of ``model``; rollouts skip it.
+
+    A device's own pin (``Device.pinned``) wins over its group's."""
+
+    __table_args__ = (UniqueConstraint("group", "model"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    group: str = Field(max_length=64, index=True)
+    model: str = Field(max_length=64)
+    version: str = Field(max_length=64)
+    set_by: str = Field(max_length=64)
+    set_at: datetime
+
+
 class DeviceModel(SQLModel, table=True):
     """What a device reports it really runs, per model (also after a local rollback)."""
 

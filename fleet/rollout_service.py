@@ -33,7 +33,15 @@ from sqlalchemy.engine import Engine
 from sqlmodel import Session, col, select
 
 from fleet import crud
-from fleet.models import Device, DeviceEvent, DeviceModel, Release, RolloutRecord, TelemetrySample
+from fleet.models import (
+    Device,
+    DeviceEvent,
+    DeviceModel,
+    GroupPin,
+    Release,
+    RolloutRecord,
+    TelemetrySample,
+)
 from fleet.rollout_codec import decode_plan, decode_rollout, encode_plan, encode_rollout
 from fleet.rollouts import (
     Abort,
@@ -328,9 +336,15 @@ class RolloutService:
             row.device_id: row
             for row in session.exec(select(DeviceModel).where(DeviceModel.model == record.model))
         }
+        group_pins = {
+            pin.group: pin.version
+            for pin in session.exec(select(GroupPin).where(GroupPin.model == record.model))
+        }
         views = []
         for d in devices:
             row = models.get(d.id)
+            # A device's own pin wins over its group's.
+            pin = (d.pinned or {}).get(record.model) or group_pins.get(d.group or "")
             views.append(
                 device_view(
                     device_id=d.id,
@@ -338,7 +352,7 @@ class RolloutService:
                     hardware_class=d.hardware_class,
                     online=d.online,
                     group=d.group,
-                    pinned=d.pinned,
+                    pinned={record.model: pin} if pin else None,
                     version=row.version if row else None,
                     runtime=row.runtime if row else None,
                     reported_at=row.updated_at if row else None,

@@ -455,3 +455,42 @@ def test_a_batch_of_states_is_applied_in_seq_order_per_device(db_url):
     engine.dispose()
     assert seqs == {"dev-1": 7, "dev-2": 1}
     assert versions == {("dev-1", "cnn"): "3.0.0", ("dev-2", "cnn"): "1.0.0"}
+
+
+def test_device_and_group_pins_hold_devices_back_from_rollouts(app_client):
+    """A pinned device is skipped by rollouts of that model; a device pin wins over its group's;
+    every change is audited, and bad input gets a clear refusal."""
+    from fleet.models import RolloutRecord
+
+    for device_id in ("pin-a", "pin-b", "pin-c"):
+        assert app_client.post(f"/api/v1/devices/{device_id}/enroll").status_code == 201
+    for device_id in ("pin-a", "pin-b"):
+        response = app_client.put(f"/api/v1/devices/{device_id}/group", json={"group": "lab"})
+        assert response.status_code == 200, response.text
+    assert app_client.put("/api/v1/groups/lab/pins/tiny", json={"version": "1.0.0"}).json() == {
+        "tiny": "1.0.0"
+    }
+    pinned = app_client.put("/api/v1/devices/pin-b/pins/tiny", json={"version": "1.2.0"})
+    assert pinned.json()["pinned"] == {"tiny": "1.2.0"}
+
+    def pins() -> dict[str, str | None]:
+        with Session(app_client.app.state.engine) as session:
+            views = app_client.app.state.rollouts.devices(
+                session, RolloutRecord(model="tiny", target="")
+            )
+        return {v.device_id: v.pinned_version for v in views}
+
+    assert pins() == {"pin-a": "1.0.0", "pin-b": "1.2.0", "pin-c": None}
+    assert app_client.delete("/api/v1/devices/pin-b/pins/tiny").status_code == 200
+    assert app_client.delete("/api/v1/groups/lab/pins/tiny").status_code == 200
+    assert pins() == {"pin-a": None, "pin-b": None, "pin-c": None}
+
+    assert app_client.delete("/api/v1/devices/pin-c/pins/tiny").status_code == 404
+    assert (
+        app_client.put("/api/v1/devices/nobody/pins/tiny", json={"version": "1"}).status_code == 404
+    )
+    bad = app_client.put("/api/v1/devices/pin-a/pins/tiny", json={"version": "1.0\x00"})
+    assert bad.status_code == 422
+    actions = [e["action"] for e in app_client.get("/api/v1/audit").json()["entries"]]
+    for action in ("device.group", "group.pin", "device.pin", "device.unpin", "group.unpin"):
+        assert action in actions
