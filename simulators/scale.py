@@ -1092,7 +1092,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--devices", type=int, default=100_000, help="fleet size (100000)")
     parser.add_argument("--seed", type=int, default=1, help="fleet and fault seed (1)")
-    parser.add_argument("--scenario", choices=(*SCENARIOS, "both"), default="both")
+    parser.add_argument(
+        "--scenario",
+        choices=(*SCENARIOS, "both"),
+        default="both",
+        help="good: 2.0.0 to the whole fleet; bad: 3.0.0, which the first gate must halt (both)",
+    )
     parser.add_argument("--json", action="store_true", help="print a JSON object instead")
     opts = parser.parse_args(argv)
     if opts.devices < 10:
