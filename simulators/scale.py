@@ -1104,7 +1104,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--devices must be >= 10")
     report = run_scale(opts.devices, opts.seed, opts.scenario)
     report["machine"] = _machine()
-    report["command"] = " ".join(["python -m simulators.scale", *(argv or sys.argv[1:])])
+    given = sys.argv[1:] if argv is None else list(argv)
+    report["command"] = " ".join(["python -m simulators.scale", *given])
     print(json.dumps(report, indent=2) if opts.json else format_report(report))
     return 0
 
