@@ -85,6 +85,10 @@ and since the last report of its cohort. The cohort is the stage's dispatched de
   class has no control device left (a last stage of 100%), the control median measured at this
   rollout's latest earlier gate stands in for it (marked ``control_from_earlier_stage``).
 
+A stage whose install check must fail whatever its unfinished devices do (counting each as a
+success: overall or on one hardware class, with ``min_sample`` finished) fails at once, without
+waiting for them or for the soak: a bad release stops as soon as the verdict is certain.
+
 Any check that fails makes the verdict ``fail``; otherwise a check without ``min_sample`` data
 makes it ``inconclusive``; otherwise ``pass``. A stage without any device (cumulative targets
 that round to the same count) has no install check; the fleet-wide checks still apply. Pass
@@ -1133,6 +1137,37 @@ class _Cohort:
         }
 
 
+def _install_fails_whatever_comes(
+    plan: Plan, progress: Mapping[str, DeviceProgress], stage: int
+) -> str | None:
+    """Why the stage's install check fails even if every unfinished member succeeds, or None.
+
+    Judged overall and per hardware class, with at least ``min_sample`` finished devices, so a
+    bad release is halted as soon as the verdict is certain instead of after the soak.
+    """
+    g = plan.gates
+    # class -> [succeeded, failed, unfinished]; "" is the whole cohort
+    tally: dict[str, list[int]] = {}
+    for p in progress.values():
+        if p.stage != stage or (p.state is _FAILED and p.failure_class == "incompatible"):
+            continue
+        final_failure = p.state is _FAILED and p.attempts and p.next_retry_at is None
+        slot = 0 if p.state is _SUCCEEDED else 1 if final_failure else 2  # 2: may still succeed
+        for key in ("", _label(p.hardware_class)):
+            tally.setdefault(key, [0, 0, 0])[slot] += 1
+    for key, (ok, bad, open_) in sorted(tally.items()):
+        if bad == 0 or ok + bad < g.min_sample:
+            continue
+        best = (ok + open_) / (ok + bad + open_)
+        if best < g.min_install_success:
+            where = f" on hardware class {key}" if key else ""
+            return (
+                f"install success at most {best:.3f} < {g.min_install_success}{where} "
+                f"({bad} of {ok + bad + open_} failed)"
+            )
+    return None
+
+
 def _install(
     plan: Plan, progress: Mapping[str, DeviceProgress], stage: int, checks: _Checks
 ) -> dict[str, object]:
@@ -1619,6 +1654,13 @@ class _Run:
         soak_end = s.last_activity  # >= the stage's start
         soak_end += self.plan.stages[self.stage].soak_s
         if s.cohort_busy or s.waiting or self.now < soak_end:
+            certain = _install_fails_whatever_comes(self.plan, self.progress, self.stage)
+            if certain is not None:  # no need to wait: even if every other device succeeds
+                verdict, figures, reason = _evaluate(
+                    self.plan, self.progress, self.stage, metrics, self.decisions
+                )
+                why = reason if verdict == "fail" else certain
+                self.decide("fail", figures, f"{why} (before the soak ended: {certain})", by="gate")
             return
         verdict, figures, reason = _evaluate(
             self.plan, self.progress, self.stage, metrics, self.decisions

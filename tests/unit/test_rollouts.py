@@ -763,6 +763,35 @@ def test_gate_fail_halts_and_a_halted_rollout_never_dispatches():
     assert sum(sim.dispatches.values()) == 20  # 10 devices x 2 attempts (install retries once)
 
 
+def test_a_certain_install_failure_halts_without_waiting_for_the_rest_or_the_soak():
+    """Half the first stage fails its self-test (never retried) while the other half is still
+    silent: even if they all succeed the stage cannot pass, so the gate halts at once."""
+    silent = {f"dev-{i:04d}" for i in range(0, 20, 2)}
+    _plan, _sim, rollout, history = _stage0_done(
+        outcome=lambda did: "silent" if did in silent else "fail:self_test:wrong outputs"
+    )
+    decision = next(d for r in history for d in decisions(r))
+    assert rollout.state is S.HALTED
+    assert decision.verdict == "fail"
+    assert "before the soak ended" in decision.reason
+    assert decision.at < 600  # neither the silent devices' time-out nor the soak was awaited
+    assert states(rollout)[DeviceState.IN_PROGRESS] > 0
+
+
+def test_a_failure_the_rest_can_still_outweigh_waits_for_the_gate():
+    gates = Gates(min_sample=3, max_error_rate=None, max_p95_ratio=None, min_install_success=0.5)
+    plan = make_plan(stages=(Stage(percent=50, soak_s=600), Stage(percent=100, soak_s=600)))
+    stages = assign_stages(plan, make_fleet(20, classes=("rpi5", "jetson")))
+    cohort = sorted(did for did, stage in stages.items() if stage == 0)
+    _plan, _sim, _rollout, history = _stage0_done(
+        gates=gates, outcome=lambda did: "fail:self_test:x" if did == cohort[0] else "ok"
+    )
+    decision = next(d for r in history for d in decisions(r))
+    assert decision.figures["install"]["failed"] == 1  # the failing device is in the cohort
+    assert decision.verdict == "pass"
+    assert decision.at >= 600  # after the soak, as usual
+
+
 def test_gate_fail_with_revert_on_fail_reverts_the_blast_radius_without_gates():
     crashing = {f"dev-{i:04d}" for i in range(0, 20, 3)}
     _plan, sim, rollout, history = _stage0_done(
