@@ -370,7 +370,7 @@ def run_rollout(
         "version": version,
         "stages": stages,
         "soak_s": opts.soak,
-        "max_failure_rate": 0.0,
+        "max_failure_rate": opts.max_failure_rate,
         "max_in_flight": opts.max_in_flight,
         "revert_on_fail": True,
         "device_timeout_s": 300,
@@ -450,6 +450,97 @@ def fetched_bytes(client: Any) -> float:
     return 0.0
 
 
+# -- the simulation processes --------------------------------------------------------------------
+
+
+class SimProcesses:
+    """``edgefleet sim run`` children, at most ``per_process`` devices each (paho's select()
+    stops at file descriptor 1,024, and each device holds three)."""
+
+    def __init__(
+        self, opts: argparse.Namespace, url: str, broker: str, work: Path, token: str
+    ) -> None:
+        count = -(-opts.devices // opts.per_process)
+        sizes = [
+            opts.devices // count + (1 if i < opts.devices % count else 0) for i in range(count)
+        ]
+        self.work = work
+        work.mkdir(parents=True, exist_ok=True)
+        self.children = []
+        for index, size in enumerate(sizes):
+            out = (work / f"sim-{index}.log").open("wb")
+            self.children.append(
+                subprocess.Popen(
+                    [
+                        sys.executable,
+                        "-m",
+                        "shared.cli.main",
+                        "sim",
+                        "run",
+                        "--fleet",
+                        url,
+                        "--broker",
+                        broker,
+                        "--devices",
+                        str(size),
+                        "--prefix",
+                        f"sim{index}",
+                        "--work-dir",
+                        str(work / f"p{index}"),
+                        "--probation",
+                        f"{max(1, round(opts.probation))}s",
+                        "--telemetry",
+                        f"{max(1, round(opts.telemetry))}s",
+                        "--infer-every",
+                        str(opts.infer),
+                    ],
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    env={**os.environ, "EDGEFLEET_TOKEN": token},
+                )
+            )
+
+    def rss_bytes(self) -> int:
+        total = 0
+        for child in self.children:
+            with open(f"/proc/{child.pid}/statm", encoding="ascii") as f:
+                total += int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        return total
+
+    def threads(self) -> int:
+        return sum(len(os.listdir(f"/proc/{c.pid}/task")) for c in self.children)
+
+    def cpu_seconds(self) -> float:
+        ticks = os.sysconf("SC_CLK_TCK")
+        total = 0.0
+        for child in self.children:
+            with open(f"/proc/{child.pid}/stat", encoding="ascii") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / ticks
+        return total
+
+    def states(self) -> list[dict[str, Any]]:
+        from agent.status import read_status
+        from shared.errors import UsageError
+
+        states = []
+        for data in sorted(self.work.glob("p*/*/data")):
+            try:
+                states.append(read_status(data))
+            except UsageError:  # a device that never started has no state yet
+                states.append({"device_id": data.parent.name, "models": {}})
+        return states
+
+    def stop(self) -> None:
+        for child in self.children:
+            child.send_signal(signal.SIGTERM)
+        for child in self.children:
+            try:
+                child.wait(120)
+            except subprocess.TimeoutExpired:
+                child.kill()
+
+
 # -- this process ---------------------------------------------------------------------------------
 
 
@@ -527,30 +618,40 @@ def run_benchmark(opts: argparse.Namespace, log: Any) -> dict[str, Any]:
                 bundle = work / "releases" / f"{MODEL}-{version}.bundle"
                 client.post("/api/v1/releases", content=bundle.read_bytes()).raise_for_status()
             rss_before, threads_before = rss_bytes(), threading.active_count()
-            sim = Simulation(
-                SimulationOptions(
-                    fleet_url=fleet.url,
-                    token=token,
-                    broker=f"mqtts://127.0.0.1:{broker_port}",
-                    devices=opts.devices,
-                    work_dir=work / "devices",
-                    profiles=parse_profiles(DEFAULT_PROFILES),
-                    probation_s=opts.probation,
-                    telemetry_interval_s=opts.telemetry,
-                    infer_interval_s=opts.infer,
-                    start_rate=opts.start_rate,
+            if opts.per_process:
+                sim: Any = SimProcesses(
+                    opts, fleet.url, f"mqtts://127.0.0.1:{broker_port}", work / "devices", token
                 )
-            )
+            else:
+                sim = Simulation(
+                    SimulationOptions(
+                        fleet_url=fleet.url,
+                        token=token,
+                        broker=f"mqtts://127.0.0.1:{broker_port}",
+                        devices=opts.devices,
+                        work_dir=work / "devices",
+                        profiles=parse_profiles(DEFAULT_PROFILES),
+                        probation_s=opts.probation,
+                        telemetry_interval_s=opts.telemetry,
+                        infer_interval_s=opts.infer,
+                        start_rate=opts.start_rate,
+                    )
+                )
             try:
                 log(f"starting {opts.devices} virtual devices...")
                 started = time.monotonic()
-                sim.start()
+                if not opts.per_process:
+                    sim.start()
                 switched_on = time.monotonic() - started
                 wait_for(
                     lambda: count_online(client) == opts.devices, 600, "the devices to be online"
                 )
                 online = time.monotonic() - started
-                rss_after, threads_after = rss_bytes(), threading.active_count()
+                if opts.per_process:  # the devices live in the children: count theirs
+                    rss_before, threads_before = 0, 0
+                    rss_after, threads_after = sim.rss_bytes(), sim.threads()
+                else:
+                    rss_after, threads_after = rss_bytes(), threading.active_count()
                 report["start"] = {
                     "switched_on_s": round(switched_on, 2),
                     "all_online_s": round(online, 2),
@@ -564,12 +665,13 @@ def run_benchmark(opts: argparse.Namespace, log: Any) -> dict[str, Any]:
                 report["v1"] = run_rollout(client, V1, [100.0], opts, log)
                 log(f"  v1: {report['v1']['state']} in {report['v1']['seconds']} s")
                 log(f"v2, staged {opts.stages}, soak {opts.soak:g} s...")
-                bytes_before, cpu_before = fetched_bytes(client), cpu_seconds()
+                sim_cpu = sim.cpu_seconds if opts.per_process else cpu_seconds
+                bytes_before, cpu_before = fetched_bytes(client), sim_cpu()
                 report["v2"] = run_rollout(client, V2, stages, opts, log)
                 report["v2"]["fleet_sent_mb"] = round(
                     (fetched_bytes(client) - bytes_before) / MB, 1
                 )
-                report["v2"]["simulation_cpu_s"] = round(cpu_seconds() - cpu_before, 1)
+                report["v2"]["simulation_cpu_s"] = round(sim_cpu() - cpu_before, 1)
                 log(f"  v2: {report['v2']['state']} in {report['v2']['seconds']} s")
                 versions = Counter(
                     (s["models"].get(MODEL) or {}).get("version") or "none" for s in sim.states()
@@ -672,12 +774,24 @@ def main() -> None:
     parser.add_argument("--stages", default="1,10,50,100", help="default 1,10,50,100")
     parser.add_argument("--soak", type=float, default=2.0, help="seconds per stage (default 2)")
     parser.add_argument("--max-in-flight", type=int, default=100, help="default 100")
+    parser.add_argument(
+        "--max-failure-rate",
+        type=float,
+        default=0.05,
+        help="failed installs a stage tolerates, as the API's default (0.05)",
+    )
     parser.add_argument("--probation", type=float, default=2.0, help="seconds (default 2)")
     parser.add_argument("--telemetry", type=float, default=5.0, help="seconds (default 5)")
     parser.add_argument(
         "--infer", type=float, default=5.0, help="seconds between inferences per device (default 5)"
     )
     parser.add_argument("--start-rate", type=float, default=100.0, help="devices per second")
+    parser.add_argument(
+        "--per-process",
+        type=int,
+        default=250,
+        help="devices per simulation process (default 250; 0: all in this process)",
+    )
     parser.add_argument(
         "--raw-subscribers", type=int, default=8, help="default 8; 0 skips the raw limit"
     )

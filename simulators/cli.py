@@ -57,6 +57,9 @@ def run(
     prefix: Annotated[str, typer.Option(help="Device ids are PREFIX-00001, ...")] = "sim",
     probation: Annotated[str, typer.Option(help="The agents' probation time.")] = "5s",
     telemetry: Annotated[str, typer.Option(help="The agents' telemetry interval.")] = "5s",
+    infer_every: Annotated[
+        float, typer.Option(min=0.05, help="Seconds between inferences asked of each device.")
+    ] = 1.0,
     as_json: Annotated[
         bool, typer.Option("--json", help="Print a JSON summary at the end.")
     ] = False,
@@ -65,6 +68,8 @@ def run(
 
     Each device runs the real agent code on a simulated hardware profile, with its own mutual-TLS
     identity and data directory. Needs an admin token in EDGEFLEET_TOKEN (to enroll devices).
+    One process holds about 300 devices (three file descriptors each, and paho waits on them with
+    select(), which stops at 1,024): run several processes, each with its own --prefix, for more.
     """
     from simulators.hardware import DEFAULT_PROFILES, parse_profiles
     from simulators.virtual import Simulation, SimulationOptions, parse_faults
@@ -86,6 +91,7 @@ def run(
             prefix=prefix,
             probation_s=parse_duration(probation).total_seconds(),
             telemetry_interval_s=parse_duration(telemetry).total_seconds(),
+            infer_interval_s=infer_every,
         )
     )
     stop = threading.Event()
