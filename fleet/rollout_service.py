@@ -85,6 +85,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 ACTIVE = ("pending", "running", "paused", "halted")
+DEFAULT_STAGES = (5.0, 25.0, 100.0)
 OPERATOR_ACTIONS: dict[str, Callable[..., OperatorAction]] = {
     "pause": Pause,
     "resume": Resume,
@@ -234,13 +235,7 @@ class RolloutService:
         plan: dict[str, Any] | None = None,
     ) -> RolloutRecord:
         """Store a new rollout (state pending); the next tick starts it."""
-        if (
-            session.exec(
-                select(Release).where(Release.name == model, Release.version == version)
-            ).first()
-            is None
-        ):
-            raise UsageError(f"no published release {model} {version}; publish it first")
+        self._check_release(session, model, version)
         busy = session.exec(
             select(RolloutRecord).where(
                 RolloutRecord.model == model, col(RolloutRecord.status).in_(ACTIVE)
@@ -251,30 +246,27 @@ class RolloutService:
                 f"rollout {busy.id} of {model} is still {busy.status}; abort it or "
                 "let it finish first (one active rollout per model)"
             )
-        parse_target(target)
         rollout_id = f"r-{uuid.uuid4().hex[:10]}"
-        previous = self._previous_version(session, model, version)
         if plan is not None:
+            parse_target(target)
             engine_plan = decode_plan(
                 {**plan, "rollout_id": rollout_id, "model": model, "version": version}
             )
         else:
-            percents = stages or [5.0, 25.0, 100.0]
-            try:
-                engine_plan = Plan(
-                    rollout_id=rollout_id,
-                    model=model,
-                    version=version,
-                    previous_version=previous,
-                    stages=tuple(Stage(percent=p, soak_s=soak_s) for p in percents),
-                    salt=secrets.token_hex(8),
-                    max_in_flight=max_in_flight,
-                    gates=Gates(**{"min_install_success": 1 - max_failure_rate, **(gates or {})}),
-                    revert_on_fail=revert_on_fail,
-                    device_timeout_s=device_timeout_s,
-                )
-            except (ValueError, TypeError) as e:
-                raise UsageError(str(e)) from e
+            engine_plan = self.build_plan(
+                session,
+                rollout_id=rollout_id,
+                model=model,
+                version=version,
+                target=target,
+                stages=stages,
+                soak_s=soak_s,
+                max_failure_rate=max_failure_rate,
+                max_in_flight=max_in_flight,
+                revert_on_fail=revert_on_fail,
+                device_timeout_s=device_timeout_s,
+                gates=gates,
+            )
         now = crud.now_utc()
         record = RolloutRecord(
             id=rollout_id,
@@ -311,14 +303,69 @@ class RolloutService:
         ).first()
         return last.id or 0 if last else 0
 
+    def build_plan(
+        self,
+        session: Session,
+        *,
+        rollout_id: str,
+        model: str,
+        version: str,
+        target: str = "",
+        stages: list[float] | None = None,
+        soak_s: float = 600.0,
+        max_failure_rate: float = 0.05,
+        max_in_flight: int = 100,
+        revert_on_fail: bool = True,
+        device_timeout_s: float = 3600.0,
+        gates: Mapping[str, Any] | None = None,
+    ) -> Plan:
+        """The engine's plan for these options (what :meth:`create` stores; the console's
+        preview shows it before anything is stored).
+
+        Raises:
+            UsageError: no such release, a bad target selector or a bad plan value.
+        """
+        self._check_release(session, model, version)
+        parse_target(target)
+        try:
+            return Plan(
+                rollout_id=rollout_id,
+                model=model,
+                version=version,
+                previous_version=self._previous_version(session, model, version),
+                stages=tuple(Stage(percent=p, soak_s=soak_s) for p in stages or DEFAULT_STAGES),
+                salt=secrets.token_hex(8),
+                max_in_flight=max_in_flight,
+                gates=Gates(**{"min_install_success": 1 - max_failure_rate, **(gates or {})}),
+                revert_on_fail=revert_on_fail,
+                device_timeout_s=device_timeout_s,
+            )
+        except (ValueError, TypeError) as e:
+            raise UsageError(str(e)) from e
+
+    @staticmethod
+    def _check_release(session: Session, model: str, version: str) -> None:
+        release = session.exec(
+            select(Release.id).where(Release.name == model, Release.version == version)
+        ).first()
+        if release is None:
+            raise UsageError(f"no published release {model} {version}; publish it first")
+
     @staticmethod
     def _previous_version(session: Session, model: str, version: str) -> str | None:
-        """The version most target devices run now: what a revert goes back to."""
-        counts: dict[str, int] = {}
-        for row in session.exec(select(DeviceModel).where(DeviceModel.model == model)):
-            if row.version and row.version != version:
-                counts[row.version] = counts.get(row.version, 0) + 1
-        return max(counts, key=lambda v: counts[v]) if counts else None
+        """The version most devices run now other than ``version``: what a revert goes back to."""
+        row = session.exec(
+            select(DeviceModel.version, func.count().label("n"))
+            .where(
+                DeviceModel.model == model,
+                col(DeviceModel.version).is_not(None),
+                DeviceModel.version != version,
+            )
+            .group_by(col(DeviceModel.version))
+            .order_by(func.count().desc(), col(DeviceModel.version))
+            .limit(1)
+        ).first()
+        return row[0] if row else None
 
     # -- inputs --------------------------------------------------------------------------------
 

@@ -17,20 +17,18 @@ and ``edgefleet rollout status`` never disagree.
 from __future__ import annotations
 
 import hashlib
-import secrets
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Text, cast, func
+from sqlalchemy import Text, cast
 from sqlmodel import Session, col, select
 
 from fleet import crud
-from fleet.models import DeviceModel, Release, RolloutRecord
+from fleet.models import RolloutRecord
 from fleet.rollout_codec import decode_plan, decode_rollout, encode_plan
-from fleet.rollout_service import ACTIVE, RolloutService, parse_target
-from fleet.rollouts import TRANSITIONS, DeviceState, Gates, Plan, RolloutState, Stage, preview
-from shared.errors import UsageError
+from fleet.rollout_service import ACTIVE, RolloutService
+from fleet.rollouts import TRANSITIONS, DeviceState, Gates, RolloutState, preview
 
 __all__ = ["FAILED_DEVICES_SHOWN", "RolloutViews", "allowed_actions"]
 
@@ -186,28 +184,21 @@ class RolloutViews:
         Raises:
             UsageError: no such release, a bad target selector or a bad plan value.
         """
-        release = session.exec(
-            select(Release).where(Release.name == model, Release.version == version)
-        ).first()
-        if release is None:
-            raise UsageError(f"no published release {model} {version}; publish it first")
-        parse_target(target)
-        previous = _most_common_other_version(session, model, version)
-        try:
-            plan = Plan(
-                rollout_id="preview",
-                model=model,
-                version=version,
-                previous_version=previous,
-                stages=tuple(Stage(percent=p, soak_s=soak_s) for p in stages or [5.0, 25.0, 100.0]),
-                salt=secrets.token_hex(8),
-                max_in_flight=max_in_flight,
-                gates=Gates(**{"min_install_success": 1 - max_failure_rate, **(gates or {})}),
-                revert_on_fail=revert_on_fail,
-                device_timeout_s=device_timeout_s,
-            )
-        except (ValueError, TypeError) as e:
-            raise UsageError(str(e)) from e
+        plan = self.service.build_plan(
+            session,
+            rollout_id="preview",
+            model=model,
+            version=version,
+            target=target,
+            stages=stages,
+            soak_s=soak_s,
+            max_failure_rate=max_failure_rate,
+            max_in_flight=max_in_flight,
+            revert_on_fail=revert_on_fail,
+            device_timeout_s=device_timeout_s,
+            gates=gates,
+        )
+        previous = plan.previous_version
         now = crud.now_utc()
         draft = RolloutRecord(  # never added to the session: only its model and target are read
             id="preview",
@@ -272,24 +263,6 @@ def _group_failures(failures: Mapping[str, int]) -> list[dict[str, Any]]:
             }
         )
     return sorted(rows, key=lambda r: (-r["devices"], r["failure_class"]))
-
-
-def _most_common_other_version(session: Session, model: str, version: str) -> str | None:
-    """The version most devices run now other than ``version``: what a revert goes back to
-    (the rule of :meth:`RolloutService.create`, as one GROUP BY)."""
-    models = DeviceModel.__table__.c  # type: ignore[attr-defined]
-    row = (
-        session.connection()
-        .execute(
-            select(models.version, func.count().label("n"))
-            .where(models.model == model, models.version.is_not(None), models.version != version)
-            .group_by(models.version)
-            .order_by(func.count().desc(), models.version)
-            .limit(1)
-        )
-        .first()
-    )
-    return row[0] if row else None
 
 
 def _conflict(session: Session, model: str) -> str | None:

@@ -316,18 +316,19 @@ def test_operator_runs_a_rollout_and_a_viewer_only_watches(browser, fleet, devic
         lambda: [d for d in devices.values() if d not in canaries and d.ordered()] or None,
         what="orders to the second stage",
     )
-    rest[0].fail("2.0.0", "self-test failed: output y differs from the golden vector\nat y[0]")
-    expect(page.locator("#failure-groups")).to_contain_text("self_test")
     assert page.evaluate("window.stillTheSamePage") is True
-    shoot(page, "rollout")
 
-    # Pause, with its confirmation; the pause shows on the page and in the audit log.
+    # Pause, with its confirmation (while paused, no gate judges the stage); a failure that
+    # arrives then shows grouped by class x hardware x runtime; the pause is in the audit log.
     page.locator('[data-action="pause"]').click()
     dialog = page.get_by_role("dialog")
     expect(dialog).to_contain_text("Pause this rollout?")
     dialog.get_by_role("button", name="Pause").click()
     expect(page.locator("#rollout-state")).to_contain_text("paused")
     expect(page.locator('[data-action="resume"]')).to_be_visible()
+    rest[0].fail("2.0.0", "self-test failed: output y differs from the golden vector\nat y[0]")
+    expect(page.locator("#failure-groups")).to_contain_text("self_test")
+    shoot(page, "rollout")
     shoot(page, "rollout-paused")
     page.get_by_role("link", name="Audit log").click()
     pause = page.locator('#audit-table tr[data-action="rollout.pause"]')
