@@ -52,6 +52,8 @@ def test_demo_tells_the_whole_story(tmp_path):
     # v3 breaks on the arm-npu class (its self-test refuses it there); the first stage covers
     # every class, so the gate halts it there, and only first-stage devices ever ran it.
     assert bad["devices_failed"].get("self_test", 0) >= 1
-    assert 0 < bad["ever_ran"] <= 12 * 0.34 + 3
+    # (The slower devices of the first stage may or may not have activated it before the NPU
+    # failures made the gate's verdict certain.)
+    assert bad["ever_ran"] <= 12 * 0.34 + 3
     # ...and every one of them was reverted: all devices, by their own data, run v2.
     assert summary["device_versions"] == {"2.0.0": 12}

@@ -179,8 +179,9 @@ def test_bad_model_is_halted_at_its_first_stage_and_reverted(world: World) -> No
     progress = world.engine_state(rollout_id).progress
     first_stage = {did for did, p in progress.items() if p.stage == 0 and p.attempts}
     ran = world.activated("3.0.0")
-    assert ran, "some first-stage devices ran v3 before the gate (the slow ones)"
-    assert ran <= first_stage  # no device outside the first stage ever ran it
+    # The gate halts as soon as the NPU devices' failures make its verdict certain: the slower
+    # devices of the first stage may have activated v3 by then, no other device may have.
+    assert ran <= first_stage
     # Every device that ran it was reverted: all devices, by their own data, run v2 again.
     wait_for(lambda: set(world.versions().values()) == {"2.0.0"})
     broke = {did for did, p in progress.items() if p.failure_class == "self_test"}
