@@ -1,4 +1,4 @@
-"""The broker half of the attack matrix (docs: /work/shared/SECURITY-MATRIX.md rows 13-18, 20, 40).
+"""The broker half of the attack matrix (rows 13-18, 20 and 40; see docs/security.md).
 
 Every test runs against a real mosquitto started with the configuration that
 :mod:`fleet.broker_config` generates. Negative checks ("nothing is delivered") wait a bounded
