@@ -36,20 +36,29 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from agent.config import AgentSettings
-from agent.fetch import FetchClient
 from agent.health import HealthSampler
 from agent.isolation import IsolatedDeployer
+from agent.messages import (
+    Command,
+    InferRequest,
+    ModelState,
+    Phase,
+    encode_event,
+    encode_infer_response,
+    encode_presence,
+    encode_state,
+    encode_telemetry,
+    parse_command,
+    parse_infer_request,
+)
 from agent.outbox import Outbox
 from agent.platform import DevicePlatform
 from agent.serving import ActiveModel, DeploymentError, Runtimes
 from agent.store import ModelStore, write_atomic
 from agent.trim import release_free_memory
 from shared.errors import EdgefleetError
-
-if TYPE_CHECKING:
-    from agent.updater import Deployer
 from shared.mqtt import Connected, Disconnected, Message, MqttLink, MqttSettings
-from shared.protocol import (
+from shared.topics import (
     DOWN_CMD,
     DOWN_FETCH,
     INFER_REQUEST,
@@ -58,25 +67,22 @@ from shared.protocol import (
     UP_PRESENCE,
     UP_STATE,
     UP_TELEMETRY,
-    Command,
-    DeploymentEvent,
-    InferRequest,
-    InferResponse,
-    ModelState,
-    Phase,
-    Presence,
     ProtocolError,
-    ReportedState,
-    Telemetry,
     device_topic,
-    parse_payload,
 )
+
+if TYPE_CHECKING:
+    from agent.fetch import FetchClient
+    from agent.updater import Deployer
 
 __all__ = ["Agent"]
 
 logger = logging.getLogger(__name__)
 AGENT_VERSION = "0.1.0"
 IDLE_WAKE_S = 30.0  # with no probation to watch, the worker wakes this often if nothing comes
+
+
+PERCENTILES = (50, 95, 99)  # latency percentiles reported per model
 
 
 class _Metrics:
@@ -93,10 +99,10 @@ class _Metrics:
         self.latencies: deque[float] = deque(maxlen=2048)
 
     def summary(self) -> dict[str, Any]:
-        lat = np.array(self.latencies) if self.latencies else None
-        pct = (
-            {f"p{q}": float(np.percentile(lat, q)) for q in (50, 95, 99)} if lat is not None else {}
-        )
+        pct = {}
+        if self.latencies:  # one pass over the window for the three percentiles
+            values = np.percentile(np.fromiter(self.latencies, float), PERCENTILES)
+            pct = {f"p{q}": float(v) for q, v in zip(PERCENTILES, values, strict=True)}
         return {
             "version": self.version,
             "requests": self.requests,
@@ -119,7 +125,7 @@ class Agent:
         self.health = HealthSampler(settings.data_dir, self.platform.health_root)
         self.outbox = Outbox(settings.data_dir / "outbox", max_records=settings.outbox_max_records)
         self.link = self._make_link(settings)
-        self.client = FetchClient(self.link, self.device_id, timeout_s=settings.request_timeout_s)
+        self.client: FetchClient | None = None  # deployments on the worker thread only
         self.hardware_class = settings.hardware_id or self.inventory.hardware_class()
         self.runtimes = Runtimes(settings, self.store, self.platform)
         self.deployer = self._make_deployer()
@@ -157,7 +163,7 @@ class Agent:
                 key_file=str(settings.key_file) if settings.key_file else None,
                 protocol=settings.mqtt_protocol,
                 will_topic=presence,
-                will_payload=Presence(online=False).model_dump_json().encode(),
+                will_payload=encode_presence(online=False),
             ),
             subscriptions=[
                 (device_topic(self.device_id, "down/#"), 1),
@@ -177,8 +183,12 @@ class Agent:
                 connected=self.link.connected,
                 emit=self._emit,
             )
-        from agent.updater import Deployer  # imports the trust stack
+        from agent.fetch import FetchClient  # the protocol's pydantic models
+        from agent.updater import Deployer  # the trust stack
 
+        self.client = FetchClient(
+            self.link, self.device_id, timeout_s=self.settings.request_timeout_s
+        )
         return Deployer(self.settings, self.store, self.client, self.platform, self._emit)
 
     def _set_models(self, models: dict[str, ActiveModel]) -> None:
@@ -202,7 +212,7 @@ class Agent:
         self.outbox.drain(self.link.publish_confirmed)
 
     def _emit(self, phase: Phase, model: str, version: str, **fields: Any) -> None:
-        event = DeploymentEvent(
+        event = encode_event(
             device_id=self.device_id,
             seq=self._next_seq(),
             time=datetime.now(UTC),
@@ -212,9 +222,10 @@ class Agent:
             **fields,
         )
         logger.info("%s %s %s %s", model, version, phase, fields.get("detail", ""))
-        self._report(UP_EVENTS, event.model_dump_json(exclude_none=True).encode())
+        self._report(UP_EVENTS, event)
 
-    def state(self) -> ReportedState:
+    def state(self) -> bytes:
+        """The ``up/state`` payload: every installed model, its version, runtime and state."""
         models = {}
         for name in self.store.models():
             active = self.models.get(name)
@@ -230,7 +241,7 @@ class Agent:
                 counter=self.store.state.counters.get(name, {}).get(version or "", None),
                 rollback_floor=self.store.floor(name),
             )
-        return ReportedState(
+        return encode_state(
             device_id=self.device_id,
             seq=self._next_seq(),
             time=datetime.now(UTC),
@@ -240,10 +251,10 @@ class Agent:
         )
 
     def report_state(self) -> None:
-        self._report(UP_STATE, self.state().model_dump_json(exclude_none=True).encode())
+        self._report(UP_STATE, self.state())
 
     def report_telemetry(self) -> None:
-        telemetry = Telemetry(
+        telemetry = encode_telemetry(
             device_id=self.device_id,
             seq=self._next_seq(),
             time=datetime.now(UTC),
@@ -251,7 +262,7 @@ class Agent:
             dropped=self.outbox.dropped,
             models={n: m.summary() for n, m in self.metrics.items()},
         )
-        self._report(UP_TELEMETRY, telemetry.model_dump_json().encode())
+        self._report(UP_TELEMETRY, telemetry)
 
     # -- start-up ------------------------------------------------------------------------------
 
@@ -290,7 +301,7 @@ class Agent:
                 if version is None:
                     continue
             try:
-                manifest = self.store.manifest(name, version)
+                manifest = self.store.installed(name, version)
                 decision = self.runtimes.decision_for(name, version)
                 self._set_models({**self.models, name: self.runtimes.load(manifest, decision)})
             except EdgefleetError as e:
@@ -328,7 +339,7 @@ class Agent:
         # A clean disconnect suppresses the last will: say we are going offline ourselves.
         self.link.publish_confirmed(
             device_topic(self.device_id, UP_PRESENCE),
-            Presence(online=False).model_dump_json().encode(),
+            encode_presence(online=False),
             timeout_s=2.0,
         )
         self.link.stop()
@@ -356,7 +367,7 @@ class Agent:
             if isinstance(event, Connected):
                 self.link.publish(
                     device_topic(self.device_id, UP_PRESENCE),
-                    Presence(online=True, agent_version=AGENT_VERSION).model_dump_json().encode(),
+                    encode_presence(online=True, agent_version=AGENT_VERSION),
                 )
                 self.report_state()
             elif isinstance(event, Disconnected):
@@ -364,11 +375,11 @@ class Agent:
             elif event.topic == fetch:
                 if isinstance(self.deployer, IsolatedDeployer):
                     self.deployer.deliver(event.payload)
-                else:
+                elif self.client is not None:
                     self.client.deliver(event.payload)
             elif event.topic == cmd:
                 try:
-                    self.commands.put(parse_payload(Command, event.payload, what="command"))
+                    self.commands.put(parse_command(event.payload))
                 except ProtocolError as e:
                     logger.warning("ignoring a malformed command: %s", e)
             elif event.topic == infer:
@@ -389,8 +400,8 @@ class Agent:
                 batch.append(self.commands.get_nowait())
             if None in batch:
                 return
-            batch = [c for c in batch if c is not None]
-            deploys = [c for c in batch if c.type == "deploy" and c.order]
+            received = [c for c in batch if c is not None]
+            deploys = [c for c in received if c.type == "deploy" and c.order]
             if deploys:
                 order = deploys[-1].order or ""
                 # Kept until the deployment ends, however it ends: a restart (power cut) resumes it.
@@ -412,7 +423,7 @@ class Agent:
                         detail="the agent hit an internal error; see its log",
                     )
                 self._pending_path.unlink(missing_ok=True)
-            if any(c.type in ("check", "report") for c in batch):
+            if any(c.type in ("check", "report") for c in received):
                 self.report_state()
             if deploys and isinstance(self.deployer, IsolatedDeployer):
                 release_free_memory()  # a device's own process: return the freed heap
@@ -516,7 +527,7 @@ class Agent:
         old = self.models.get(name)
         if back is not None:
             try:
-                manifest = self.store.manifest(name, back)
+                manifest = self.store.installed(name, back)
                 loaded = self.runtimes.load(manifest, self.runtimes.decision_for(name, back))
                 self._set_models({**self.models, name: loaded})
             except EdgefleetError as e:
@@ -557,9 +568,7 @@ class Agent:
 
     def _answer(self, message: Message) -> None:
         try:
-            request = parse_payload(
-                InferRequest, message.payload, what="inference request", tensors=True
-            )
+            request: InferRequest = parse_infer_request(message.payload)
         except ProtocolError as e:
             logger.warning("ignoring a malformed inference request: %s", e)
             return
@@ -577,7 +586,7 @@ class Agent:
                 for name, value in request.inputs.items()
             }
             version, outputs = self.infer(request.model, feeds)
-            response = InferResponse(
+            response = encode_infer_response(
                 correlation_id=request.correlation_id,
                 model=request.model,
                 ok=True,
@@ -586,7 +595,7 @@ class Agent:
                 latency_ms=(time.perf_counter() - started) * 1000,
             )
         except Exception as e:  # every failure becomes an error response, never silence
-            response = InferResponse(
+            response = encode_infer_response(
                 correlation_id=request.correlation_id,
                 model=request.model,
                 ok=False,
@@ -594,4 +603,4 @@ class Agent:
             )
         app = request.reply_to or "default"
         topic = device_topic(self.device_id, f"{INFER_RESPONSE}/{app}")
-        self.link.publish(topic, response.model_dump_json(exclude_none=True).encode())
+        self.link.publish(topic, response)

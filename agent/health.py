@@ -29,6 +29,8 @@ class HealthSampler:
         self.data_dir = data_dir
         self.root = root
         self._last = _cpu_times(root)
+        # thermal zones are fixed at boot: list them once, read them at each sample
+        self._zones = sorted((root / "sys/class/thermal").glob("thermal_zone*/temp"))
 
     def sample(self) -> dict[str, float]:
         health: dict[str, float] = {}
@@ -39,9 +41,12 @@ class HealthSampler:
         self._last = now
         try:
             meminfo = {
-                line.split(":")[0]: int(line.split()[1])
-                for line in (self.root / "proc/meminfo").read_text().splitlines()
-                if ":" in line
+                key: int(rest.split()[0])
+                for key, _, rest in (
+                    line.partition(":")
+                    for line in (self.root / "proc/meminfo").read_text().splitlines()
+                )
+                if key in ("MemTotal", "MemAvailable")
             }
             health["memory_total_mb"] = round(meminfo["MemTotal"] / 1024, 1)
             health["memory_available_mb"] = round(meminfo["MemAvailable"] / 1024, 1)
@@ -63,7 +68,7 @@ class HealthSampler:
         except OSError:
             pass
         temps = []
-        for zone in (self.root / "sys/class/thermal").glob("thermal_zone*/temp"):
+        for zone in self._zones:
             try:
                 temps.append(int(zone.read_text().strip()) / 1000)
             except (OSError, ValueError):

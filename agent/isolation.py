@@ -116,7 +116,7 @@ class IsolatedDeployer:
             _, failure_class, message, model, version = answer
             raise DeploymentError(failure_class, message, model=model, version=version)
         _, name, version, rollback_floor = answer
-        manifest = self.store.manifest(name, version)
+        manifest = self.store.installed(name, version)
         return Ready(manifest, self.runtimes.decision_for(name, version), rollback_floor)
 
     def _serve(self, stream: IO[bytes]) -> tuple[Any, ...] | None:

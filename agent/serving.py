@@ -9,17 +9,20 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from agent.config import AgentSettings
+from agent.installed import MANIFEST_NAME, InstalledManifest
 from agent.platform import DevicePlatform
 from agent.runtimes.cache import DecisionCache
-from agent.runtimes.probe import probe_model
+from agent.runtimes.probe import cached_decision, probe_model
 from agent.runtimes.runner import ModelRunner
 from agent.runtimes.selection import Decision
 from agent.store import ModelStore
-from shared.bundle import MANIFEST_NAME
 from shared.errors import EdgefleetError
-from shared.manifest import Manifest
+
+if TYPE_CHECKING:
+    from shared.manifest import Manifest
 
 __all__ = ["ActiveModel", "DeploymentError", "Ready", "Runtimes"]
 
@@ -42,15 +45,19 @@ class ActiveModel:
 
     name: str
     version: str
-    manifest: Manifest
+    manifest: Manifest | InstalledManifest
     runner: ModelRunner
 
 
 @dataclass(frozen=True)
 class Ready:
-    """A deployed version, installed and self-tested, ready to activate."""
+    """A deployed version, installed and self-tested, ready to activate.
 
-    manifest: Manifest
+    The manifest is the full one when the deployment ran in this process, or what the daemon
+    reads of it (:mod:`agent.installed`) when it ran in a child process.
+    """
+
+    manifest: Manifest | InstalledManifest
     decision: Decision
     rollback_floor: int
 
@@ -100,10 +107,24 @@ class Runtimes:
         return report.decision
 
     def decision_for(self, name: str, version: str) -> Decision:
-        """The runtime decision for an installed version (cached after its self-test)."""
+        """The runtime decision for an installed version (cached after its self-test).
+
+        Only when the cache no longer applies (a runtime was upgraded, the hardware changed)
+        is the version measured again, which parses its manifest in full (pydantic).
+        """
+        manifest_bytes = (self.store.version_dir(name, version) / MANIFEST_NAME).read_bytes()
+        _, decision = cached_decision(
+            bundle_digest=hashlib.sha256(manifest_bytes).hexdigest(),
+            inventory=self.platform.inventory,
+            objective=self.settings.objective,
+            cache=self.cache,
+            backends=self.platform.backends,
+        )
+        if decision is not None:
+            return decision
         return self.self_test(self.store.manifest(name, version))
 
-    def load(self, manifest: Manifest, decision: Decision) -> ActiveModel:
+    def load(self, manifest: Manifest | InstalledManifest, decision: Decision) -> ActiveModel:
         """Load a model for serving (the old one keeps serving until the caller swaps)."""
         root = self.store.version_dir(manifest.name, manifest.version)
         runner = ModelRunner(root, manifest, decision, self.platform.backends)

@@ -36,11 +36,13 @@ import signal
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from shared.bundle import MANIFEST_NAME
+from agent.installed import MANIFEST_NAME, InstalledManifest, parse_installed_manifest
 from shared.errors import EdgefleetError, RollbackError
-from shared.manifest import Manifest, parse_manifest
+
+if TYPE_CHECKING:
+    from shared.manifest import Manifest
 
 __all__ = ["FAULT_POINTS", "ModelStore", "StoreError", "StoreState"]
 
@@ -170,7 +172,22 @@ class ModelStore:
         return sorted(p.name for p in self.models_dir.iterdir() if p.is_dir())
 
     def manifest(self, name: str, version: str) -> Manifest:
+        """The installed manifest in full (:mod:`shared.manifest`, which imports pydantic)."""
+        from shared.manifest import parse_manifest
+
         return parse_manifest((self.version_dir(name, version) / MANIFEST_NAME).read_bytes())
+
+    def installed(self, name: str, version: str) -> InstalledManifest:
+        """What the daemon needs of the installed manifest, read without pydantic.
+
+        Raises:
+            OSError: the version is not installed.
+            ManifestError: the file is damaged, or names another release.
+        """
+        path = self.version_dir(name, version) / MANIFEST_NAME
+        return parse_installed_manifest(
+            path.read_bytes(), what=f"{name} {version} {MANIFEST_NAME}", name=name, version=version
+        )
 
     def is_complete(self, name: str, version: str) -> bool:
         """A version directory exists only complete (see :meth:`install`); check its manifest."""
@@ -180,7 +197,7 @@ class ModelStore:
         """Re-hash an installed version against its manifest; the first problem, or None."""
         root = self.version_dir(name, version)
         try:
-            manifest = self.manifest(name, version)
+            manifest = self.installed(name, version)
         except (OSError, EdgefleetError) as e:
             return f"manifest unreadable: {e}"
         for entry in manifest.files:

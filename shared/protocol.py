@@ -21,7 +21,9 @@ No message is retained and nothing depends on messages queued while a device was
 any (re)connect the agent reports its state and asks for fresh signed metadata.
 
 JSON payloads are parsed with the same bounds as every other input (:mod:`shared.jsonsafe`) and
-validated by pydantic models that ignore unknown fields (forward compatibility).
+validated by pydantic models that ignore unknown fields (forward compatibility). The topics, the
+device id pattern and :class:`ProtocolError` live in :mod:`shared.topics` (no pydantic) and are
+re-exported here.
 
 >>> device_topic("dev-001", UP_STATE)
 'edgefleet/v1/devices/dev-001/up/state'
@@ -33,7 +35,6 @@ validated by pydantic models that ignore unknown fields (forward compatibility).
 from __future__ import annotations
 
 import json
-import re
 import struct
 from datetime import datetime
 from typing import Any, Literal, TypeVar
@@ -43,6 +44,25 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from shared.errors import ManifestError
 from shared.jsonsafe import MAX_DEPTH, load_json
 from shared.manifest import describe_validation_error
+from shared.topics import (
+    DEVICE_ID_PATTERN,
+    DOWN_CMD,
+    DOWN_FETCH,
+    INFER_REQUEST,
+    INFER_RESPONSE,
+    MAX_JSON_PAYLOAD,
+    PREFIX,
+    UP_EVENTS,
+    UP_FETCH,
+    UP_PRESENCE,
+    UP_STATE,
+    UP_TELEMETRY,
+    CommandType,
+    Phase,
+    ProtocolError,
+    device_topic,
+    parse_device_topic,
+)
 
 __all__ = [
     "DEVICE_ID_PATTERN",
@@ -76,48 +96,11 @@ __all__ = [
     "parse_payload",
 ]
 
-PREFIX = "edgefleet/v1/devices"
-UP_PRESENCE = "up/presence"
-UP_STATE = "up/state"
-UP_EVENTS = "up/events"
-UP_TELEMETRY = "up/telemetry"
-UP_FETCH = "up/fetch"
-DOWN_CMD = "down/cmd"
-DOWN_FETCH = "down/fetch"
-INFER_REQUEST = "infer/request"
-INFER_RESPONSE = "infer/response"
-DEVICE_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
-_DEVICE_ID = re.compile(DEVICE_ID_PATTERN)
 FRAME_MAGIC = b"EFR1"
-MAX_JSON_PAYLOAD = 256 * 1024  # a control message; bulk data travels in frames
 MAX_FRAME_HEADER = 16 * 1024
 
 
 _M = TypeVar("_M", bound=BaseModel)
-
-
-class ProtocolError(ManifestError):
-    """A message from the network is malformed: wrong topic, shape, size or frame."""
-
-    default_check = "protocol"
-
-
-def device_topic(device_id: str, suffix: str) -> str:
-    """The full topic of ``suffix`` (e.g. :data:`UP_STATE`) for ``device_id``."""
-    if not _DEVICE_ID.fullmatch(device_id):
-        raise ProtocolError(f"device id {device_id[:80]!r} must match {DEVICE_ID_PATTERN}")
-    return f"{PREFIX}/{device_id}/{suffix}"
-
-
-def parse_device_topic(topic: str) -> tuple[str, str]:
-    """Split a device topic into (device id, suffix). Raises :class:`ProtocolError`."""
-    head = PREFIX + "/"
-    if not topic.startswith(head):
-        raise ProtocolError(f"topic {topic[:120]!r} is not under {PREFIX}/")
-    device_id, _, suffix = topic[len(head) :].partition("/")
-    if not _DEVICE_ID.fullmatch(device_id) or not suffix:
-        raise ProtocolError(f"topic {topic[:120]!r} has no valid device id and suffix")
-    return device_id, suffix
 
 
 class _Message(BaseModel):
@@ -149,20 +132,6 @@ class ReportedState(_Message):
     deployment: dict[str, Any] | None = None  # the deployment in progress, if any
     inventory: dict[str, Any] | None = None
     health: dict[str, Any] | None = None
-
-
-Phase = Literal[
-    "received",
-    "downloading",
-    "downloaded",
-    "verified",
-    "installed",
-    "self_test",
-    "activated",
-    "committed",
-    "failed",
-    "rolled_back",
-]
 
 
 class DeploymentEvent(_Message):
@@ -221,7 +190,7 @@ class Command(_Message):
     """A hint from the fleet. ``deploy`` carries a director-signed order, verified on the device."""
 
     id: str = Field(min_length=1, max_length=64)
-    type: Literal["check", "deploy", "revert", "report"]
+    type: CommandType
     issued_at: datetime
     order: str | None = Field(default=None, max_length=64 * 1024)  # signed order (JSON text)
     model: str | None = None

@@ -17,14 +17,17 @@ from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import numpy as np
 
 from shared.errors import EdgefleetError
-from shared.manifest import Artifact
+
+if TYPE_CHECKING:
+    from shared.manifest import Artifact
 
 __all__ = [
+    "ArtifactRef",
     "Backend",
     "Candidate",
     "LoadedModel",
@@ -40,6 +43,20 @@ class RuntimeLoadError(EdgefleetError):
     """A runtime could not load or run a candidate (bad model, missing device, delegate crash)."""
 
     default_check = "runtime"
+
+
+class ArtifactRef(Protocol):
+    """What loading needs of an artifact: a bundle's :class:`shared.manifest.Artifact`, or the
+    daemon's :class:`agent.installed.InstalledArtifact` read without pydantic."""
+
+    @property
+    def format(self) -> str: ...
+
+    @property
+    def precision(self) -> str: ...
+
+    @property
+    def files(self) -> Sequence[str]: ...
 
 
 @dataclass(frozen=True)
@@ -104,7 +121,7 @@ class Candidate:
         runtime: str,
         device: str,
         artifact_index: int,
-        artifact: Artifact,
+        artifact: ArtifactRef,
         settings: Mapping[str, SettingValue] | None = None,
         precision: str = "f32",
     ) -> Candidate:
@@ -217,7 +234,7 @@ class Backend(ABC):
         """
 
     @abstractmethod
-    def load(self, model_root: Path, artifact: Artifact, candidate: Candidate) -> LoadedModel:
+    def load(self, model_root: Path, artifact: ArtifactRef, candidate: Candidate) -> LoadedModel:
         """Load ``candidate``. Raises :class:`RuntimeLoadError` if the runtime refuses it."""
 
 

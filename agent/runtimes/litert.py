@@ -11,12 +11,21 @@ from __future__ import annotations
 import ctypes.util
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from agent.runtimes.base import Backend, Candidate, RuntimeLoadError, RuntimeStatus, thread_options
-from shared.manifest import Artifact
+from agent.runtimes.base import (
+    ArtifactRef,
+    Backend,
+    Candidate,
+    RuntimeLoadError,
+    RuntimeStatus,
+    thread_options,
+)
+
+if TYPE_CHECKING:
+    from shared.manifest import Artifact
 
 __all__ = ["LiteRtBackend"]
 
@@ -121,7 +130,7 @@ class LiteRtBackend(Backend):
         ]
         return found
 
-    def load(self, model_root: Path, artifact: Artifact, candidate: Candidate) -> _LiteRtModel:
+    def load(self, model_root: Path, artifact: ArtifactRef, candidate: Candidate) -> _LiteRtModel:
         module = _interpreter_module()
         options = candidate.options
         delegates = []

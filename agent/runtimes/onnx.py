@@ -10,12 +10,21 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from agent.runtimes.base import Backend, Candidate, RuntimeLoadError, RuntimeStatus, thread_options
-from shared.manifest import Artifact
+from agent.runtimes.base import (
+    ArtifactRef,
+    Backend,
+    Candidate,
+    RuntimeLoadError,
+    RuntimeStatus,
+    thread_options,
+)
+
+if TYPE_CHECKING:
+    from shared.manifest import Artifact
 
 __all__ = ["OnnxRuntimeBackend"]
 
@@ -81,7 +90,7 @@ class OnnxRuntimeBackend(Backend):
                 )
         return found
 
-    def load(self, model_root: Path, artifact: Artifact, candidate: Candidate) -> _OrtModel:
+    def load(self, model_root: Path, artifact: ArtifactRef, candidate: Candidate) -> _OrtModel:
         import onnxruntime as ort
 
         options = ort.SessionOptions()

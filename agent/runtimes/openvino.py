@@ -10,13 +10,15 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from agent.runtimes.base import Backend, Candidate, RuntimeLoadError, RuntimeStatus
-from shared.manifest import Artifact
+from agent.runtimes.base import ArtifactRef, Backend, Candidate, RuntimeLoadError, RuntimeStatus
 from shared.openvino_quiet import import_openvino
+
+if TYPE_CHECKING:
+    from shared.manifest import Artifact
 
 __all__ = ["OpenVinoBackend"]
 
@@ -99,7 +101,7 @@ class OpenVinoBackend(Backend):
                     )
         return found
 
-    def load(self, model_root: Path, artifact: Artifact, candidate: Candidate) -> _OvModel:
+    def load(self, model_root: Path, artifact: ArtifactRef, candidate: Candidate) -> _OvModel:
         ov = import_openvino()
 
         options = candidate.options

@@ -14,11 +14,10 @@ by the pure :mod:`agent.runtimes.selection`. Steps:
 from __future__ import annotations
 
 import logging
-import statistics
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agent.runtimes.base import Candidate, RuntimeStatus
 from agent.runtimes.cache import DecisionCache, cache_key
@@ -32,9 +31,11 @@ from agent.runtimes.trial import (
     TrialSettings,
     Worker,
 )
-from shared.manifest import Manifest
 
-__all__ = ["ProbeReport", "plan_candidates", "probe_model", "runtime_versions"]
+if TYPE_CHECKING:
+    from shared.manifest import Manifest
+
+__all__ = ["ProbeReport", "cached_decision", "plan_candidates", "probe_model", "runtime_versions"]
 
 logger = logging.getLogger(__name__)
 Progress = Callable[[str], None]
@@ -75,6 +76,27 @@ class ProbeReport:
 def runtime_versions(backends: Mapping[str, str]) -> dict[str, str | None]:
     """Installed distribution and version per runtime, without importing any runtime."""
     return {name: load_backend(path).installed_version() for name, path in backends.items()}
+
+
+def cached_decision(
+    *,
+    bundle_digest: str,
+    inventory: Inventory,
+    objective: Objective,
+    cache: DecisionCache | None,
+    backends: Mapping[str, str] = BACKENDS,
+) -> tuple[str, Decision | None]:
+    """Step 1 alone: the cache key, and the decision cached under it (None: measure).
+
+    Needs no manifest, so the daemon serves an installed version without parsing it fully.
+    """
+    key = cache_key(
+        bundle_digest=bundle_digest,
+        runtime_versions=runtime_versions(backends),
+        hardware_fingerprint=inventory.fingerprint(),
+        objective=objective,
+    )
+    return key, (cache.load(key) if cache is not None else None)
 
 
 def _dropped(runtime: str, fmt: str, index: int, precision: str, reason: str) -> TrialResult:
@@ -177,11 +199,13 @@ def _retime_contenders(
                 rounds[result.candidate.key].append(float(answer["p50_ms"]))
             except (TrialFailedError, KeyError):
                 continue
+    from statistics import median  # not at module level: the idle daemon imports this module
+
     updated = []
     for result in results:
         samples = rounds.get(result.candidate.key)
         if samples:
-            m = result.measurement.to_dict() | {"p50_ms": statistics.median(samples)}
+            m = result.measurement.to_dict() | {"p50_ms": median(samples)}
             updated.append(
                 TrialResult(result.candidate, Measurement(**m), result.accepted, result.reason)
             )
@@ -215,13 +239,14 @@ def probe_model(
     if objective == "throughput" and settings.throughput_batch == 0:
         settings = TrialSettings(**{**settings.__dict__, "throughput_batch": 8})
     say = progress or (lambda _msg: None)
-    key = cache_key(
+    key, cached = cached_decision(
         bundle_digest=bundle_digest,
-        runtime_versions=runtime_versions(backends),
-        hardware_fingerprint=inventory.fingerprint(),
+        inventory=inventory,
         objective=objective,
+        cache=cache,
+        backends=backends,
     )
-    if cache is not None and (cached := cache.load(key)) is not None:
+    if cached is not None:
         return ProbeReport(inventory, [], cached, from_cache=True, cache_key=key)
 
     make_worker = Worker if isolate else InProcessWorker

@@ -9,19 +9,30 @@ The hot path is a single method call on the loaded model plus a name check.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 
-from agent.runtimes.base import Candidate, LoadedModel, RuntimeLoadError
+from agent.runtimes.base import ArtifactRef, Candidate, LoadedModel, RuntimeLoadError
 from agent.runtimes.registry import BACKENDS, load_backend
 from agent.runtimes.selection import Decision, NoRuntimeError
-from shared.manifest import Manifest
 
-__all__ = ["ModelRunner"]
+__all__ = ["ModelRunner", "RunnableManifest"]
 
 logger = logging.getLogger(__name__)
+
+
+class RunnableManifest(Protocol):
+    """What running needs of a manifest: a bundle's :class:`shared.manifest.Manifest`, or the
+    daemon's :class:`agent.installed.InstalledManifest` read without pydantic."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def artifacts(self) -> Sequence[ArtifactRef]: ...
 
 
 class ModelRunner:
@@ -30,7 +41,7 @@ class ModelRunner:
     def __init__(
         self,
         model_root: Path,
-        manifest: Manifest,
+        manifest: RunnableManifest,
         decision: Decision,
         backends: Mapping[str, str] = BACKENDS,
     ) -> None:

@@ -19,11 +19,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from agent.runtimes.base import Candidate, RuntimeLoadError
 from agent.runtimes.trial import Measurement
-from shared.manifest import AccuracyBudget
+
+if TYPE_CHECKING:
+    from shared.manifest import AccuracyBudget
 
 __all__ = [
     "DEFAULT_MAX_ABS_ERR",

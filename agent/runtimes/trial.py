@@ -12,20 +12,22 @@ runs, then at least ``min_runs`` and at most ``max_runs`` runs or ``target_s`` s
 
 from __future__ import annotations
 
-import multiprocessing
 import signal
 import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
-from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from agent.runtimes.base import Candidate, LoadedModel, RuntimeStatus
 from agent.runtimes.registry import load_backend
-from shared.manifest import Manifest, TensorSpec
+
+if TYPE_CHECKING:
+    from multiprocessing.connection import Connection
+
+    from shared.manifest import Manifest, TensorSpec
 
 __all__ = ["InProcessWorker", "Measurement", "TrialSettings", "Worker", "measure", "run_job"]
 
@@ -226,6 +228,8 @@ def run_job(job: dict[str, Any], loaded: dict[str, LoadedModel]) -> dict[str, An
     """Answer one status, trial or re-timing job (``loaded`` keeps models between re-timings)."""
     if job["kind"] == "status":
         return load_backend(job["backend"]).status().to_dict()
+    from shared.manifest import Manifest  # pydantic: only trial workers and deployments need it
+
     manifest = Manifest.model_validate(job["manifest"])
     candidate = Candidate.from_dict(job["candidate"])
     if job["kind"] == "retime":
@@ -278,6 +282,8 @@ class Worker:
     """A child process that runs one backend's jobs; replaced after a crash or a timeout."""
 
     def __init__(self, backend_path: str) -> None:
+        import multiprocessing  # not at module level: the idle daemon imports this module
+
         self.backend_path = backend_path
         self._ctx = multiprocessing.get_context("spawn")
         self._process: Any = None

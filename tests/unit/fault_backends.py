@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from agent.runtimes.base import Backend, Candidate, RuntimeLoadError, RuntimeStatus
+from agent.runtimes.base import ArtifactRef, Backend, Candidate, RuntimeLoadError, RuntimeStatus
 from shared.manifest import Artifact
 
 FAULTS = ("none", "slow", "wrong", "fail-load", "crash", "hang")
@@ -77,7 +77,7 @@ class FaultyBackend(Backend):
             for fault in os.environ.get("FAULTY_CANDIDATES", ",".join(FAULTS)).split(",")
         ]
 
-    def load(self, model_root: Path, artifact: Artifact, candidate: Candidate) -> FaultyModel:
+    def load(self, model_root: Path, artifact: ArtifactRef, candidate: Candidate) -> FaultyModel:
         fault = str(candidate.options["fault"])
         if fault == "fail-load":
             raise RuntimeLoadError("delegate library not found")

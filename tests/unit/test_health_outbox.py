@@ -52,3 +52,17 @@ def test_outbox_removes_temp_files_left_by_a_crash(tmp_path):
     box = Outbox(directory)
     assert not list(directory.glob(".tmp-*"))
     assert len(box) == 0
+
+
+def test_outbox_drops_and_counts_a_damaged_record_and_sends_the_rest(tmp_path):
+    box = Outbox(tmp_path / "outbox")
+    for i in range(3):
+        box.put("t", f"r{i}".encode())
+    damaged = sorted((tmp_path / "outbox").glob("*.json"))[1]
+    damaged.write_bytes(b'["not", "a record"]')
+    sent: list[bytes] = []
+    assert box.drain(lambda topic, data: sent.append(data) or True) == 2
+    assert sent == [b"r0", b"r2"]
+    assert box.dropped == 1
+    assert len(box) == 0
+    assert not list((tmp_path / "outbox").glob("*.json"))
