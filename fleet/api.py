@@ -2,24 +2,32 @@
 
 Roles: ``viewer`` reads; ``operator`` also publishes releases and acts on rollouts; ``admin``
 also enrolls devices and manages tokens. Tokens arrive as ``Authorization: Bearer <token>``.
-A token found in the database is remembered for ``TOKEN_CACHE_S`` seconds, so a revoked token
-keeps working that long at most in each running service.
+A token found in the database is remembered for ``TOKEN_CACHE_S`` seconds, so that a request
+costs no token query. A token revoked through this service (``DELETE /api/v1/tokens/{name}``)
+is refused from the next request on; one revoked elsewhere (another replica, the database
+itself) keeps working that long at most in each running service.
 
 The device list is paged: ``limit`` (default ``DEFAULT_PAGE``, at most ``MAX_PAGE``) and
 ``after``, the last device id of the previous page. A full page carries the URL of the next one
-in a ``Link: <...>; rel="next"`` header; the last page has none.
+in a ``Link: <...>; rel="next"`` header; the last page has none. An answer is reused for the same
+query for ``device_list_cache_s`` seconds (setting; 1 s by default): the list may be that much
+behind device reports and other replicas, never behind this service's own enrolments and group
+changes.
 """
 
 from __future__ import annotations
 
-import hashlib
+import asyncio
+import contextlib
+import functools
 import tempfile
-import threading
-import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from datetime import datetime
 from typing import Annotated, Any
+from urllib.parse import urlencode
 
+import anyio
+import anyio.to_thread
 from fastapi import (
     APIRouter,
     Depends,
@@ -48,6 +56,7 @@ from fleet.models import (
     RolloutRecord,
 )
 from fleet.releases import ReleaseConflictError, publish_release
+from fleet.ttl_cache import TtlCache
 from shared.errors import EdgefleetError
 from shared.manifest import NAME_PATTERN, VERSION_PATTERN
 from shared.protocol import DEVICE_ID_PATTERN
@@ -72,6 +81,10 @@ ROLE_RANK = {"viewer": 0, "operator": 1, "admin": 2}
 TOKEN_CACHE_S = 5.0
 DEFAULT_PAGE = 100
 MAX_PAGE = 1000
+PAGE_READERS = 8  # threads that read device pages from PostgreSQL at once (its pool has 20)
+PAGES_CACHED = 64  # device-list answers remembered at most (a page of 1,000 is about 150 kB)
+PageKey = tuple[str, bytes]  # root path, query string
+Page = tuple[bytes, dict[str, str]]  # body, headers
 MAX_OFFSET = 10**9  # beyond any fleet, and within every database's integers
 NO_CONTROL_CHARACTERS = r"^[^\x00-\x1f]*$"  # PostgreSQL refuses NUL in text outright
 DeviceId = Annotated[str, Path(pattern=DEVICE_ID_PATTERN)]
@@ -88,37 +101,13 @@ def get_session(request: Request) -> Iterator[Session]:
 SessionDep = Annotated[Session, Depends(get_session)]
 
 
-class TokenCache:
-    """Tokens found in the database in the last ``ttl_s`` seconds, by the secret's SHA-256.
-
-    Only tokens that were found are remembered, as copies detached from any session.
-    """
-
-    def __init__(self, ttl_s: float) -> None:
-        self.ttl_s = ttl_s
-        self._tokens: dict[str, tuple[float, dict[str, Any]]] = {}
-        self._lock = threading.Lock()
-
-    def get(self, secret: str) -> ApiToken | None:
-        with self._lock:
-            found = self._tokens.get(hashlib.sha256(secret.encode()).hexdigest())
-        if found is None or found[0] < time.monotonic():
-            return None
-        return ApiToken(**found[1])
-
-    def put(self, secret: str, token: ApiToken) -> None:
-        fields = token.model_dump()
-        with self._lock:
-            now = time.monotonic()
-            for key in [k for k, (expires, _) in self._tokens.items() if expires < now]:
-                del self._tokens[key]
-            self._tokens[hashlib.sha256(secret.encode()).hexdigest()] = (now + self.ttl_s, fields)
-
-
-def _token_cache(app: FastAPI) -> TokenCache:
+def _token_cache(app: FastAPI) -> TtlCache[str, ApiToken]:
+    """Live tokens found in the database in the last ``TOKEN_CACHE_S`` seconds, by the stored
+    digest of their secret. A hit is the token found then: one object, detached from its
+    session and shared by the requests that present it, so read it and never change it."""
     if not hasattr(app.state, "token_cache"):
-        app.state.token_cache = TokenCache(TOKEN_CACHE_S)
-    cache: TokenCache = app.state.token_cache
+        app.state.token_cache = TtlCache[str, ApiToken](TOKEN_CACHE_S)
+    cache: TtlCache[str, ApiToken] = app.state.token_cache
     return cache
 
 
@@ -148,11 +137,13 @@ def require(role: str) -> Callable[..., Awaitable[ApiToken]]:
                 headers={"WWW-Authenticate": "Bearer"},
             )
         cache = _token_cache(request.app)
-        token = cache.get(secret)
+        digest = crud.secret_digest(secret)
+        token = cache.get(digest)
         if token is None:
+            generation = cache.generation  # a revocation meanwhile must win: see TtlCache
             token = await run_in_threadpool(_authenticate, request.app.state.engine, secret)
             if token is not None:
-                cache.put(secret, token)
+                cache.put(digest, token, generation=generation)
         if token is None:
             raise HTTPException(
                 status.HTTP_401_UNAUTHORIZED,
@@ -174,15 +165,11 @@ Operator = Annotated[ApiToken, Depends(require("operator"))]
 Admin = Annotated[ApiToken, Depends(require("admin"))]
 
 
-class DeviceOut(BaseModel):
-    id: str
-    online: bool
-    hardware_class: str | None
-    group: str | None
-    last_seen: datetime | None
-    models: dict[str, str | None]
+class DeviceOut(crud.ListedDevice):  # the same TypedDict, under the API's name for it
+    pass
 
 
+DEVICE = TypeAdapter(DeviceOut)
 DEVICE_LIST = TypeAdapter(list[DeviceOut])
 
 
@@ -200,8 +187,8 @@ class ReleaseOut(BaseModel):
     published_by: str
 
 
-def _device_out(device: Device, models: dict[str, Any]) -> DeviceOut:
-    return DeviceOut(
+def _device_out(device: Device, models: dict[str, Any]) -> dict[str, Any]:
+    listed = DeviceOut(
         id=device.id,
         online=device.online,
         hardware_class=device.hardware_class,
@@ -209,11 +196,63 @@ def _device_out(device: Device, models: dict[str, Any]) -> DeviceOut:
         last_seen=device.last_seen,
         models=models,
     )
+    return dict(DEVICE.dump_python(listed, mode="json"))
 
 
 @router.get("/whoami")
 def whoami(token: Viewer) -> dict[str, str]:
     return {"name": token.name, "role": token.role}
+
+
+def _read_device_page(engine: Engine, **query: Any) -> list[crud.ListedDevice]:
+    """One page of the device list, read on its own connection.
+
+    SQLite runs it on the event loop: the work is the process's own CPU whatever thread does
+    it, and a thread would add two hand-overs between threads per request, which cost more
+    than the query on a busy machine; with WAL a read never waits for a writer. PostgreSQL runs
+    it in at most ``PAGE_READERS`` threads, which overlap the round trips; fewer threads than
+    the pool has connections, so that busy lists never make the pool open and close its
+    overflow connections.
+    """
+    with crud.reading(engine) as connection:
+        return crud.device_page(connection, **query)
+
+
+def _page_cache(app: FastAPI) -> TtlCache[PageKey, Page]:
+    """Device-list answers (body, headers) by query, for ``device_list_cache_s`` seconds."""
+    if not hasattr(app.state, "page_cache"):
+        ttl_s = app.state.settings.device_list_cache_s
+        app.state.page_cache = TtlCache[PageKey, Page](ttl_s, max_entries=PAGES_CACHED)
+    cache: TtlCache[PageKey, Page] = app.state.page_cache
+    return cache
+
+
+@contextlib.asynccontextmanager
+async def _one_reader(app: FastAPI, key: PageKey) -> AsyncIterator[None]:
+    """Let one request at a time read the page ``key``, so that when a remembered answer
+    expires the requests that come for it meanwhile wait for one read (on PostgreSQL, where the
+    read awaits a thread) instead of all reading it at once."""
+    if not hasattr(app.state, "page_locks"):
+        app.state.page_locks = {}
+    locks: dict[PageKey, tuple[asyncio.Lock, int]] = app.state.page_locks
+    lock, users = locks.get(key, (asyncio.Lock(), 0))
+    locks[key] = (lock, users + 1)
+    try:
+        async with lock:
+            yield
+    finally:
+        lock, users = locks[key]
+        if users == 1:
+            del locks[key]
+        else:
+            locks[key] = (lock, users - 1)
+
+
+def _page_readers(app: FastAPI) -> anyio.CapacityLimiter:
+    if not hasattr(app.state, "page_readers"):
+        app.state.page_readers = anyio.CapacityLimiter(PAGE_READERS)
+    limiter: anyio.CapacityLimiter = app.state.page_readers
+    return limiter
 
 
 NEXT_PAGE_HEADER = {
@@ -227,7 +266,7 @@ NEXT_PAGE_HEADER = {
 @router.get(
     "/devices", response_model=list[DeviceOut], responses={200: {"headers": NEXT_PAGE_HEADER}}
 )
-def list_devices(
+async def list_devices(
     request: Request,
     _: Viewer,
     online: bool | None = None,
@@ -244,38 +283,57 @@ def list_devices(
 ) -> Response:
     """Devices ordered by id, one page at a time (see the ``Link`` header for the next).
 
-    The API's busiest read, so it takes the shortest path: its own session rather than
-    ``SessionDep`` (whose set-up and tear-down are two more trips through the thread pool), and
-    the JSON encoded here in one pass instead of FastAPI's validation and encoding passes.
+    The same page is answered from memory for ``device_list_cache_s`` (1 s by default), so it
+    may be that much behind device reports and other replicas; this service's own changes to
+    what the list shows (enrolment, groups) are in the next answer.
     """
-    with Session(request.app.state.engine) as session:
-        # Two reads and no writes: outside a transaction, PostgreSQL needs no BEGIN and no
-        # ROLLBACK round trips around them.
-        session.connection(execution_options={"isolation_level": "AUTOCOMMIT"})
-        devices = crud.device_page(
-            session,
-            limit=limit,
-            after=after,
-            offset=offset,
-            online=online,
-            hardware_class=hardware_class,
-            search=search,
-        )
-    headers = {}
-    if len(devices) == limit:
-        following = request.url.remove_query_params("offset").include_query_params(
-            after=devices[-1]["id"]
-        )
-        headers["Link"] = f'<{following.path}?{following.query}>; rel="next"'
-    body = DEVICE_LIST.dump_json(DEVICE_LIST.validate_python(devices))
+    pages = _page_cache(request.app)
+    key = (request.scope.get("root_path", ""), request.scope["query_string"])
+    query = {
+        "limit": limit,
+        "after": after,
+        "offset": offset,
+        "online": online,
+        "hardware_class": hardware_class,
+        "search": search,
+    }
+    page = pages.get(key)
+    if page is None and pages.ttl_s <= 0:
+        page = await _answer_device_page(request, query)
+    elif page is None:
+        async with _one_reader(request.app, key):  # the others wait, then find its answer
+            page = pages.get(key)
+            if page is None:
+                generation = pages.generation  # a change meanwhile must win: see TtlCache
+                page = await _answer_device_page(request, query)
+                pages.put(key, page, generation=generation)
+    body, headers = page
     return Response(body, media_type="application/json", headers=headers)
+
+
+async def _answer_device_page(request: Request, query: dict[str, Any]) -> Page:
+    """The body and headers of a device-list answer, read from the database."""
+    engine = request.app.state.engine
+    read = functools.partial(_read_device_page, engine, **query)
+    if engine.dialect.name == "sqlite":
+        devices = read()
+    else:
+        devices = await anyio.to_thread.run_sync(read, limiter=_page_readers(request.app))
+    headers = {}
+    if len(devices) == query["limit"]:
+        headers["Link"] = _next_page_link(request, after=devices[-1]["id"])
+    return DEVICE_LIST.dump_json(devices), headers
+
+
+def _next_page_link(request: Request, *, after: str) -> str:
+    """``<this URL without offset and after, then after=...>; rel="next"``."""
+    query = [(k, v) for k, v in request.query_params.multi_items() if k not in ("offset", "after")]
+    return f'<{request.url.path}?{urlencode([*query, ("after", after)])}>; rel="next"'
 
 
 @router.get("/devices/{device_id}", responses=_errors(404))
 def show_device(device_id: DeviceId, session: SessionDep, _: Viewer) -> dict[str, Any]:
-    device = session.get(Device, device_id)
-    if device is None:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no device {device_id!r}")
+    device = _device(session, device_id)
     models = session.exec(select(DeviceModel).where(DeviceModel.device_id == device_id))
     events = session.exec(
         select(DeviceEvent)
@@ -284,7 +342,7 @@ def show_device(device_id: DeviceId, session: SessionDep, _: Viewer) -> dict[str
         .limit(100)
     )
     return {
-        **_device_out(device, {m.model: m.version for m in models}).model_dump(mode="json"),
+        **_device_out(device, {m.model: m.version for m in models}),
         "inventory": device.inventory,
         "model_details": [
             m.model_dump(mode="json")
@@ -384,6 +442,29 @@ def create_token(body: TokenIn, session: SessionDep, token: Admin) -> dict[str, 
     return {"name": body.name, "role": body.role, "token": secret}
 
 
+TokenName = Annotated[str, Path(max_length=64, pattern=NO_CONTROL_CHARACTERS)]
+
+
+@router.delete("/tokens/{name}", responses=_errors(404, 409))
+def revoke_token(
+    name: TokenName, request: Request, session: SessionDep, token: Admin
+) -> dict[str, Any]:
+    """Revoke a token. This service refuses it from the next request on; another replica of
+    the service may still take it for ``TOKEN_CACHE_S`` seconds (the time it remembers a
+    token)."""
+    if name == token.name:
+        raise HTTPException(
+            status.HTTP_409_CONFLICT, "a token cannot revoke itself; use another admin token"
+        )
+    revoked = crud.revoke_token(session, name=name)
+    if revoked is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no live token named {name!r}")
+    crud.append_audit(session, actor=token.name, action="token.revoke", target=name)
+    session.commit()
+    _token_cache(request.app).forget(revoked.secret_sha256)
+    return {"name": name, "role": revoked.role, "revoked": True}
+
+
 @router.post("/devices/{device_id}/enroll", status_code=status.HTTP_201_CREATED)
 def enroll_device(
     device_id: DeviceId, request: Request, session: SessionDep, token: Admin
@@ -400,6 +481,7 @@ def enroll_device(
     session.add(device)
     crud.append_audit(session, actor=token.name, action="device.enroll", target=device_id)
     session.commit()
+    _page_cache(request.app).clear()
     return {
         "device_id": device_id,
         "cert_pem": credentials.cert_pem.decode(),
@@ -422,10 +504,16 @@ class GroupIn(BaseModel):
     group: str | None = Field(pattern=r"^[A-Za-z0-9._-]{1,64}$")
 
 
+def _found(session: Session, table: type[Any], key: str, what: str) -> Any:
+    """The row of ``table`` with primary key ``key``, or a 404 naming what was asked for."""
+    row = session.get(table, key)
+    if row is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no {what} {key!r}")
+    return row
+
+
 def _device(session: Session, device_id: str) -> Device:
-    device = session.get(Device, device_id)
-    if device is None:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no device {device_id!r}")
+    device: Device = _found(session, Device, device_id, "device")
     return device
 
 
@@ -466,7 +554,7 @@ def unpin_device(
 
 @router.put("/devices/{device_id}/group", responses=_errors(404))
 def set_group(
-    device_id: DeviceId, body: GroupIn, session: SessionDep, token: Operator
+    device_id: DeviceId, body: GroupIn, request: Request, session: SessionDep, token: Operator
 ) -> dict[str, Any]:
     """Put the device in a group (rollout targets ``group=NAME``, group pins), or none."""
     device = _device(session, device_id)
@@ -480,6 +568,7 @@ def set_group(
         details={"group": body.group},
     )
     session.commit()
+    _page_cache(request.app).clear()
     return {"device_id": device_id, "group": device.group}
 
 
@@ -573,10 +662,7 @@ def list_rollouts(request: Request, session: SessionDep, _: Viewer) -> list[dict
 
 
 def _rollout(session: Session, rollout_id: str) -> Any:
-    record = session.get(RolloutRecord, rollout_id)
-    if record is None:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no rollout {rollout_id!r}")
-    return record
+    return _found(session, RolloutRecord, rollout_id, "rollout")
 
 
 @router.get("/rollouts/{rollout_id}", responses=_errors(404))

@@ -36,6 +36,9 @@ def serve(
         Path | None, typer.Option(help="The service's client certificate.")
     ] = None,
     key_file: Annotated[Path | None, typer.Option(help="The service's client key.")] = None,
+    access_log: Annotated[
+        bool, typer.Option(help="Log every HTTP request (uvicorn's access log).")
+    ] = True,
 ) -> None:
     """Serve the API and bridge the broker. Migrations are applied on start."""
     import uvicorn
@@ -66,7 +69,7 @@ def serve(
             end_live_streams(app)  # else open consoles hold the stop for up to 30 s
             super().handle_exit(sig, frame)
 
-    Server(uvicorn.Config(app, host=host, port=port, log_level="info")).run()
+    Server(uvicorn.Config(app, host=host, port=port, log_level="info", access_log=access_log)).run()
 
 
 @fleet_app.command("migrate")

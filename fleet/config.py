@@ -7,6 +7,7 @@ command-line flags. The admin token comes from ``EDGEFLEET_ADMIN_TOKEN``.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any, Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -31,12 +32,15 @@ class FleetSettings(BaseSettings):
     key_file: Path | None = None
     username: str | None = None
     password: str | None = None
+    mqtt_protocol: Literal[5, 311] = 5  # 311: no shared subscriptions (see fleet.mqtt_bridge)
     max_message_bytes: int = Field(default=1 << 20, ge=4096)
     max_upload_bytes: int = Field(default=4 << 30, ge=1024)
     ingest_batch: int = Field(default=500, ge=1)
     ingest_flush_s: float = Field(default=0.2, gt=0)
     device_offline_after_s: float = Field(default=120.0, gt=0)
     rollout_tick_s: float = Field(default=1.0, gt=0)
+    # how long the API reuses a device-list page for the same query; 0: never (see fleet.api)
+    device_list_cache_s: float = Field(default=1.0, ge=0)
 
     @field_validator("broker")
     @classmethod
@@ -44,6 +48,11 @@ class FleetSettings(BaseSettings):
         if value is not None and not value.startswith(("mqtt://", "mqtts://")):
             raise ValueError(f"must start with mqtt:// or mqtts://, got {value!r}")
         return value
+
+    @field_validator("mqtt_protocol", mode="before")
+    @classmethod
+    def _protocol(cls, value: Any) -> Any:  # "311" from the environment
+        return int(value) if isinstance(value, str) and value.isdigit() else value
 
     @property
     def database_url(self) -> str:

@@ -27,6 +27,9 @@ __all__ = [
 class Device(SQLModel, table=True):
     """A device known to the fleet: enrolled, or seen on the broker."""
 
+    # the console overview counts devices by class and presence from this index alone
+    __table_args__ = (Index("ix_device_class_online", "hardware_class", "online"),)
+
     id: str = Field(primary_key=True, max_length=64)
     hardware_class: str | None = Field(default=None, max_length=128)
     group: str | None = Field(default=None, max_length=64, index=True)
@@ -58,7 +61,11 @@ class GroupPin(SQLModel, table=True):
 class DeviceModel(SQLModel, table=True):
     """What a device reports it really runs, per model (also after a local rollback)."""
 
-    __table_args__ = (UniqueConstraint("device_id", "model"),)
+    __table_args__ = (
+        UniqueConstraint("device_id", "model"),
+        # the console overview counts installs by these columns from this index alone
+        Index("ix_devicemodel_counts", "model", "version", "state", "runtime"),
+    )
 
     id: int | None = Field(default=None, primary_key=True)
     device_id: str = Field(foreign_key="device.id", max_length=64, index=True)

@@ -2,8 +2,9 @@
 
 Every replica subscribes to the devices' ``up/#`` topics through an MQTT 5 **shared
 subscription** (``$share/edgefleet-fleet/...``), so the broker hands each message to one replica
-only; with MQTT 3.1.1 (no shared subscriptions) every replica receives everything and the
-database's unique ``(device_id, seq)`` constraints make the duplicate ingest a no-op.
+only; with MQTT 3.1.1 (``mqtt_protocol = 311``: no shared subscriptions) every replica receives
+everything and the database's unique ``(device_id, seq)`` constraints make the duplicate
+ingest a no-op.
 
 Ingest is a pipeline of two threads, so that parsing the next batch overlaps storing this one:
 
@@ -96,8 +97,9 @@ class MqttBridge:
         self.settings = settings
         self.engine = engine
         self.repo = repo
-        protocol = 5
+        protocol = settings.mqtt_protocol
         topic = f"{PREFIX}/+/up/#"
+        subscription = f"$share/{SHARE_GROUP}/{topic}" if protocol == 5 else topic
         self.link = MqttLink(
             MqttSettings(
                 url=settings.broker or "",
@@ -109,7 +111,7 @@ class MqttBridge:
                 key_file=str(settings.key_file) if settings.key_file else None,
                 protocol=protocol,
             ),
-            subscriptions=[(f"$share/{SHARE_GROUP}/{topic}", 1)],
+            subscriptions=[(subscription, 1)],
         )
         self._stop = threading.Event()
         self._fetches: queue.Queue[tuple[str, FetchRequest]] = queue.Queue()

@@ -18,17 +18,19 @@ stepped, so two replicas never step the same rollout at once.
 
 from __future__ import annotations
 
+import json
 import logging
 import secrets
 import threading
 import uuid
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Protocol
 
-from sqlalchemy import func
+from sqlalchemy import Text, and_, cast, func, update
+from sqlalchemy import select as core_select
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, col, select
 
@@ -202,6 +204,116 @@ def order_version(action: Action) -> str | None:
     return None
 
 
+# -- what the scheduler reads at every tick ------------------------------------------------------
+
+_DEVICES = Device.__table__.c  # type: ignore[attr-defined]
+_MODELS = DeviceModel.__table__.c  # type: ignore[attr-defined]
+_GROUP_PINS = GroupPin.__table__.c  # type: ignore[attr-defined]
+_ROLLOUTS = RolloutRecord.__table__.c  # type: ignore[attr-defined]
+
+
+class _Target(Protocol):
+    """What selects a rollout's devices: a ``RolloutRecord`` or its row."""
+
+    @property
+    def model(self) -> str: ...
+    @property
+    def target(self) -> str: ...
+
+
+# (id, hardware_class, online, group, pinned as JSON text, the group's pin, then the device's
+# latest state report of the model: version, runtime, updated_at): plain values, compared as is
+DeviceRow = tuple[Any, ...]
+
+
+def _device_rows(session: Session, record: _Target) -> list[DeviceRow]:
+    """One row per device that ``record``'s target selects, in one query (in no set order).
+
+    The rows are the driver's own tuples, with the values as the database stores them (the
+    pins as JSON text, the report time as SQLite's text or PostgreSQL's datetime): a tick reads
+    and compares 10,000 of them in a few ms, half the time SQLAlchemy's result rows take.
+    :func:`_view` decodes them.
+    """
+    selector = parse_target(record.target)
+    joined = Device.__table__.outerjoin(  # type: ignore[attr-defined]
+        DeviceModel.__table__,  # type: ignore[attr-defined]
+        and_(_MODELS.device_id == _DEVICES.id, _MODELS.model == record.model),
+    ).outerjoin(
+        GroupPin.__table__,  # type: ignore[attr-defined]
+        and_(
+            _GROUP_PINS.group == func.coalesce(_DEVICES.group, ""),
+            _GROUP_PINS.model == record.model,
+        ),
+    )
+    query = core_select(
+        _DEVICES.id,
+        _DEVICES.hardware_class,
+        _DEVICES.online,
+        _DEVICES.group,
+        cast(_DEVICES.pinned, Text),
+        _GROUP_PINS.version,
+        _MODELS.version,
+        _MODELS.runtime,
+        _MODELS.updated_at,
+    ).select_from(joined)
+    if "hardware_class" in selector:
+        query = query.where(_DEVICES.hardware_class == selector["hardware_class"])
+    if "group" in selector:
+        query = query.where(_DEVICES.group == selector["group"])
+    if "device" in selector:
+        query = query.where(_DEVICES.id == selector["device"])
+    connection = session.connection()
+    compiled = query.compile(dialect=connection.dialect)
+    params: Any = compiled.params
+    if connection.dialect.positional:
+        params = tuple(params[name] for name in compiled.positiontup or ())
+    cursor = connection.connection.cursor()  # in the session's transaction
+    try:
+        cursor.execute(str(compiled), params)
+        return [tuple(row) for row in cursor.fetchall()]
+    finally:
+        cursor.close()
+
+
+def _stored_time(value: datetime | str | None) -> datetime | None:
+    """A time column read without its type: SQLite gives text, PostgreSQL a datetime."""
+    if isinstance(value, str):
+        value = datetime.fromisoformat(value)
+    if value is None or value.tzinfo is not None:
+        return value
+    return value.replace(tzinfo=UTC)  # stored as UTC without an offset
+
+
+def _view(model: str, row: DeviceRow) -> DeviceView:
+    device_id, hardware_class, online, group, pinned, group_pin, version, runtime, at = row
+    own = json.loads(pinned).get(model) if pinned not in (None, "{}", "null") else None
+    pin = own or group_pin  # a device's own pin wins over its group's
+    return device_view(
+        device_id=device_id,
+        model=model,
+        hardware_class=hardware_class,
+        online=bool(online),
+        group=group,
+        pinned={model: pin} if pin else None,
+        version=version,
+        runtime=runtime,
+        reported_at=_stored_time(at),
+    )
+
+
+@dataclass(eq=False)
+class _Kept:
+    """A rollout as the scheduler last stored it, and the inputs of its last step."""
+
+    mark: tuple[str, int, float | None]  # status, last_event_id, updated_at as stored
+    plan: Plan
+    rollout: Rollout
+    rows: list[DeviceRow] = field(default_factory=list)  # the target's devices
+    views: list[DeviceView] = field(default_factory=list)  # built from ``rows``
+    metrics_mark: tuple[int | None, dict[str, str]] | None = None
+    metrics: dict[tuple[str, str], DeviceMetrics] = field(default_factory=dict)
+
+
 @dataclass
 class RolloutService:
     engine: Engine
@@ -214,6 +326,7 @@ class RolloutService:
         # One step at a time in this process: the scheduler thread and request handlers both step
         # rollouts, and SQLite has no row locks (on PostgreSQL, FOR UPDATE also covers replicas).
         self.stepping = threading.RLock()
+        self._kept: dict[str, _Kept] = {}  # by rollout id; only the scheduler's steps use it
 
     # -- creation ------------------------------------------------------------------------------
 
@@ -370,68 +483,54 @@ class RolloutService:
     # -- inputs --------------------------------------------------------------------------------
 
     def devices(self, session: Session, record: RolloutRecord) -> list[DeviceView]:
-        selector = parse_target(record.target)
-        query = select(Device)
-        if "hardware_class" in selector:
-            query = query.where(Device.hardware_class == selector["hardware_class"])
-        if "group" in selector:
-            query = query.where(Device.group == selector["group"])
-        if "device" in selector:
-            query = query.where(Device.id == selector["device"])
-        devices = list(session.exec(query))
-        models = {
-            row.device_id: row
-            for row in session.exec(select(DeviceModel).where(DeviceModel.model == record.model))
-        }
-        group_pins = {
-            pin.group: pin.version
-            for pin in session.exec(select(GroupPin).where(GroupPin.model == record.model))
-        }
+        """The engine's view of every device that ``record``'s target selects."""
+        return [_view(record.model, row) for row in _device_rows(session, record)]
+
+    def _kept_views(self, session: Session, kept: _Kept, record: _Target) -> list[DeviceView]:
+        """:meth:`devices`, building views only for the devices whose rows changed."""
+        rows = _device_rows(session, record)
+        if rows == kept.rows:
+            return kept.views
+        old = {row[0]: (row, view) for row, view in zip(kept.rows, kept.views, strict=True)}
         views = []
-        for d in devices:
-            row = models.get(d.id)
-            # A device's own pin wins over its group's.
-            pin = (d.pinned or {}).get(record.model) or group_pins.get(d.group or "")
+        for row in rows:
+            seen = old.get(row[0])
             views.append(
-                device_view(
-                    device_id=d.id,
-                    model=record.model,
-                    hardware_class=d.hardware_class,
-                    online=d.online,
-                    group=d.group,
-                    pinned={record.model: pin} if pin else None,
-                    version=row.version if row else None,
-                    runtime=row.runtime if row else None,
-                    reported_at=row.updated_at if row else None,
-                )
+                seen[1] if seen is not None and seen[0] == row else _view(record.model, row)
             )
+        kept.rows, kept.views = rows, views
         return views
 
-    def _events(self, session: Session, record: RolloutRecord) -> tuple[list[EngineEvent], int]:
+    @staticmethod
+    def _events(session: Session, model: str, after: int) -> tuple[list[EngineEvent], int]:
+        """The deployment reports for ``model`` stored after event id ``after``, and the last id."""
         rows = list(
             session.exec(
                 select(DeviceEvent)
-                .where(
-                    col(DeviceEvent.id) > record.last_event_id, DeviceEvent.model == record.model
-                )
+                .where(col(DeviceEvent.id) > after, DeviceEvent.model == model)
                 .order_by(col(DeviceEvent.id))
             )
         )
         events = [engine_event(r) for r in rows]
-        last = max((r.id or 0 for r in rows), default=record.last_event_id)
+        last = max((r.id or 0 for r in rows), default=after)
         return events, last
 
     def _metrics(
-        self, session: Session, record: RolloutRecord, views: list[DeviceView]
+        self, session: Session, model: str, views: list[DeviceView], kept: _Kept | None = None
     ) -> dict[tuple[str, str], DeviceMetrics]:
         """Each device's latest telemetry for the model, keyed by the version it measured.
 
         One query over the latest sample per device. Agents name the version their figures are
-        for; an older agent's figures count for the version the device runs.
+        for; an older agent's figures count for the version the device runs. With ``kept``, the
+        figures are read again only when a sample arrived or a device runs another version.
         """
         running = {v.device_id: v.running_version for v in views if v.running_version}
         if not running:
             return {}
+        if kept is not None:
+            newest = session.exec(select(func.max(TelemetrySample.id))).one()
+            if kept.metrics_mark == (newest, running):
+                return kept.metrics
         latest = (
             select(TelemetrySample.device_id, func.max(TelemetrySample.seq).label("seq"))
             .where(col(TelemetrySample.device_id).in_(list(running)))
@@ -447,35 +546,41 @@ class RolloutService:
         )
         metrics = {}
         for device_id, models in rows:
-            entry = models.get(record.model) if isinstance(models, dict) else None
+            entry = models.get(model) if isinstance(models, dict) else None
             figures = telemetry_metrics(entry)
             if figures is not None and isinstance(entry, dict):
                 version = entry.get("version") or running[device_id]
                 metrics[(device_id, str(version))] = figures
+        if kept is not None:
+            kept.metrics_mark, kept.metrics = (newest, running), metrics
         return metrics
 
     # -- stepping ------------------------------------------------------------------------------
 
     def tick(self, now: datetime | None = None) -> int:
-        """Step every active rollout once; return how many were stepped."""
+        """Step every active rollout once; return how many were stepped.
+
+        An unchanged tick is cheap: the service keeps each rollout's decoded state and device
+        views between ticks (:class:`_Kept`), reads the device rows again but builds views only
+        for the rows that changed, reads telemetry only when a sample arrived, and stores the
+        state only when the step changed it. The engine itself runs at every tick, so its timers
+        (time-outs, retries, soaks, maintenance windows) fire as before.
+        """
         now = now or crud.now_utc()
         stepped = 0
         with Session(self.engine) as session:
-            ids = [
-                r.id
-                for r in session.exec(
-                    select(RolloutRecord).where(col(RolloutRecord.status).in_(ACTIVE))
-                )
-            ]
+            ids = list(
+                session.exec(select(RolloutRecord.id).where(col(RolloutRecord.status).in_(ACTIVE)))
+            )
             ids += self._converging(session)
         for rollout_id in ids:
             with self.stepping, Session(self.engine) as session:
-                record = self._lock(session, rollout_id)
-                if record is None:
-                    continue
-                self._step(session, record, now)
-                session.commit()
-                stepped += 1
+                if self._step_kept(session, rollout_id, now):
+                    session.commit()
+                    stepped += 1
+        with self.stepping:
+            for gone in self._kept.keys() - set(ids):  # finished, aborted or superseded
+                del self._kept[gone]
         return stepped
 
     @staticmethod
@@ -503,25 +608,86 @@ class RolloutService:
         return session.exec(query).first()
 
     def _step(self, session: Session, record: RolloutRecord, now: datetime) -> None:
+        """Step ``record`` from what is stored (after an operator's action)."""
+        self._kept.pop(record.id, None)
         plan = decode_plan(record.plan)
         views = self.devices(session, record)
-        events, last_event = self._events(session, record)
+        events, last_event = self._events(session, record.model, record.last_event_id)
         result = step(
             plan,
             decode_rollout(record.state),
             devices=views,
             events=events,
-            metrics=self._metrics(session, record, views),
+            metrics=self._metrics(session, record.model, views),
             now=now.timestamp(),
         )
-        self._execute(session, record, plan, result.actions)
+        self._execute(session, record.id, plan, result.actions)
         record.state = encode_rollout(result.rollout)
         record.status = result.rollout.state.value
         record.last_event_id = last_event
         record.updated_at = now
 
+    def _step_kept(self, session: Session, rollout_id: str, now: datetime) -> bool:
+        """One scheduled step of ``rollout_id`` from the state kept since the last one; False
+        if the rollout is gone or (on PostgreSQL) another replica is stepping it.
+
+        The kept state is used only while the row's status, last event id and ``updated_at``
+        are the ones this service stored; any other writer (an operator's action, another
+        replica) changes ``updated_at``, and the state is then decoded again.
+        """
+        query = core_select(
+            _ROLLOUTS.model,
+            _ROLLOUTS.target,
+            _ROLLOUTS.status,
+            _ROLLOUTS.last_event_id,
+            _ROLLOUTS.updated_at,
+        ).where(_ROLLOUTS.id == rollout_id)
+        if session.get_bind().dialect.name == "postgresql":
+            query = query.with_for_update(skip_locked=True)
+        row = session.connection().execute(query).first()
+        if row is None:
+            return False
+        mark = (row.status, row.last_event_id, _epoch(row.updated_at))
+        kept = self._kept.get(rollout_id)
+        if kept is None or kept.mark != mark:
+            plan, state = (
+                session.connection()
+                .execute(
+                    core_select(_ROLLOUTS.plan, _ROLLOUTS.state).where(_ROLLOUTS.id == rollout_id)
+                )
+                .one()
+            )
+            kept = self._kept[rollout_id] = _Kept(mark, decode_plan(plan), decode_rollout(state))
+        views = self._kept_views(session, kept, row)
+        events, last_event = self._events(session, row.model, row.last_event_id)
+        result = step(
+            kept.plan,
+            kept.rollout,
+            devices=views,
+            events=events,
+            metrics=self._metrics(session, row.model, views, kept),
+            now=now.timestamp(),
+        )
+        unchanged = result.rollout == kept.rollout and last_event == row.last_event_id
+        if unchanged and not result.actions:
+            return True  # nothing to store: the usual tick while devices are busy or silent
+        self._execute(session, rollout_id, kept.plan, result.actions)
+        status = result.rollout.state.value
+        session.connection().execute(
+            update(RolloutRecord)
+            .where(_ROLLOUTS.id == rollout_id)
+            .values(
+                state=encode_rollout(result.rollout),
+                status=status,
+                last_event_id=last_event,
+                updated_at=now,
+            )
+        )
+        kept.mark, kept.rollout = (status, last_event, _epoch(now)), result.rollout
+        return True
+
     def _execute(
-        self, session: Session, record: RolloutRecord, plan: Plan, actions: tuple[Any, ...]
+        self, session: Session, rollout_id: str, plan: Plan, actions: tuple[Any, ...]
     ) -> None:
         for action in actions:
             version = order_version(action)
@@ -532,7 +698,7 @@ class RolloutService:
                     session,
                     actor="gate",
                     action=f"gate.{action.verdict}",
-                    target=record.id,
+                    target=rollout_id,
                     details={
                         "stage": action.stage,
                         "reason": action.reason,
@@ -545,7 +711,7 @@ class RolloutService:
                     session,
                     actor="engine",
                     action="rollout.state",
-                    target=record.id,
+                    target=rollout_id,
                     details={
                         "from": action.old.value,
                         "to": action.new.value,
@@ -613,7 +779,7 @@ class RolloutService:
         now = crud.now_utc()
         plan = decode_plan(record.plan)
         result = apply_operator(plan, decode_rollout(record.state), operator, now=now.timestamp())
-        self._execute(session, record, plan, result.actions)
+        self._execute(session, record.id, plan, result.actions)
         record.state = encode_rollout(result.rollout)
         record.status = result.rollout.state.value
         crud.append_audit(

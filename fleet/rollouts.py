@@ -90,7 +90,11 @@ success: overall or on one hardware class, with ``min_sample`` finished) fails a
 waiting for them or for the soak: a bad release stops as soon as the verdict is certain.
 
 Any check that fails makes the verdict ``fail``; otherwise a check without ``min_sample`` data
-makes it ``inconclusive``; otherwise ``pass``. A stage without any device (cumulative targets
+makes it ``inconclusive``; otherwise ``pass``. Telemetry arrives on the devices' own schedule,
+so when only the error and latency checks lack data at the end of the soak, the gate waits for
+them, at most ``sample_wait_s`` more, before it calls the stage inconclusive; a stage whose
+install check lacks data (too few devices finished, and none left to finish) is inconclusive at
+once. A stage without any device (cumulative targets
 that round to the same count) has no install check; the fleet-wide checks still apply. Pass
 moves to the next stage (or ``COMPLETED``); fail to ``HALTED`` (plus Rule 7 when
 ``revert_on_fail``); inconclusive to ``PAUSED``, for a person to decide.
@@ -412,6 +416,7 @@ class Gates:
     max_error_rate: float | None = 0.02  # inference errors / requests on the new version
     max_p95_ratio: float | None = 1.25  # p95 latency, new version / control group
     min_sample: int = 5  # devices a check needs; fewer makes it inconclusive
+    sample_wait_s: float = 300.0  # after the soak, how long telemetry checks wait for min_sample
 
     def __post_init__(self) -> None:
         if not (_finite(self.min_install_success) and 0 <= self.min_install_success <= 1):
@@ -428,6 +433,8 @@ class Gates:
             raise ValueError(f"max_p95_ratio must be > 0 or None, got {self.max_p95_ratio}")
         if self.min_sample < 1:
             raise ValueError(f"min_sample must be >= 1, got {self.min_sample}")
+        if not (_finite(self.sample_wait_s) and self.sample_wait_s >= 0):
+            raise ValueError(f"sample_wait_s must be >= 0 seconds, got {self.sample_wait_s}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -1382,6 +1389,7 @@ def _evaluate(
         "max_error_rate": g.max_error_rate,
         "max_p95_ratio": g.max_p95_ratio,
         "min_sample": g.min_sample,
+        "sample_wait_s": g.sample_wait_s,
     }
     verdict = checks.verdict()
     if verdict == "fail":
@@ -1393,6 +1401,15 @@ def _evaluate(
             f"{name} {status}" for name, status in checks.status.items()
         )
     return verdict, figures, reason
+
+
+def _awaiting_telemetry(figures: Mapping[str, object]) -> bool:
+    """True when the only checks without enough data are the telemetry ones."""
+    status = figures.get("checks")
+    if not isinstance(status, Mapping):
+        return False
+    unsure = {name for name, outcome in status.items() if outcome == "inconclusive"}
+    return bool(unsure) and unsure <= {"errors", "latency"}
 
 
 # --- the step -----------------------------------------------------------------------------------
@@ -1665,6 +1682,12 @@ class _Run:
         verdict, figures, reason = _evaluate(
             self.plan, self.progress, self.stage, metrics, self.decisions
         )
+        if (
+            verdict == "inconclusive"
+            and _awaiting_telemetry(figures)
+            and self.now < soak_end + self.plan.gates.sample_wait_s
+        ):
+            return  # the devices' next telemetry reports may complete the sample
         self.decide(verdict, figures, reason, by="gate")
 
     def decide(

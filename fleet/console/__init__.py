@@ -11,7 +11,8 @@ How the pieces fit:
   preview of a plan;
 - :mod:`fleet.console.routes` — the JSON and server-sent-event endpoints under
   ``/api/v1/console``;
-- :mod:`fleet.console.live` — stream tickets and the shared poller behind live updates.
+- :mod:`fleet.console.live` — stream tickets and the shared poller behind live updates; the
+  overview is computed at most once per ``OVERVIEW_MAX_AGE_S`` for every viewer and the poller.
 
 Actions go through the API's own endpoints, so the API refuses what a role may not do whatever
 the page shows. :func:`install` adds all of it to the fleet's FastAPI application.
@@ -25,12 +26,16 @@ from fastapi import FastAPI
 from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
 
+from fleet.console.live import Recent
 from fleet.console.rollout_views import RolloutViews
 from fleet.console.routes import router
 
 __all__ = ["STATIC", "end_live_streams", "install"]
 
 STATIC = Path(__file__).parent / "static"
+# Viewers and the live feed share an overview this young; below the feed's poll interval
+# (0.25 s), so the feed never takes its own previous result and updates stay as prompt.
+OVERVIEW_MAX_AGE_S = 0.2
 # Only the console's own files run or load: no inline script, no other origin.
 CONTENT_SECURITY_POLICY = (
     "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
@@ -52,6 +57,7 @@ def install(app: FastAPI) -> None:
     ``app.state.engine`` and ``app.state.trust_root``, as :func:`fleet.app.create_app` sets.
     """
     app.state.console_views = RolloutViews(app.state.rollouts)
+    app.state.console_overview = Recent(OVERVIEW_MAX_AGE_S)
     app.state.console_hub = None  # created by the first live stream, inside the event loop
     app.include_router(router)
     app.mount("/console", StaticFiles(directory=STATIC), name="console")

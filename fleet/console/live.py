@@ -1,11 +1,12 @@
-"""Live updates for the console: stream tickets and one shared poller per process.
+"""Live updates for the console: stream tickets, one shared poller per process, and
+:class:`Recent`, which lets viewers and the poller share one computation of a page.
 
 A page watches one *topic* (``overview``, ``rollouts``, ``rollout/<id>``, ``device/<id>``,
-``audit``) over server-sent events. :class:`LiveHub` polls every watched topic every
-``interval_s`` (0.25 s) in a single asyncio task, computing each topic's snapshot once in a
-worker thread however many browsers watch it, and pushes a snapshot to the topic's watchers only
-when it differs from the last one sent. A watcher that falls behind skips to the newest snapshot.
-The poller runs only while somebody watches.
+``devices?<filters>``, ``audit?<filters>``) over server-sent events. :class:`LiveHub` polls
+every watched topic every ``interval_s`` (0.25 s) in a single asyncio task, computing each
+topic's snapshot once in a worker thread however many browsers watch it, and pushes a snapshot
+to the topic's watchers only when it differs from the last one sent. A watcher that falls
+behind skips to the newest snapshot. The poller runs only while somebody watches.
 
 So an update reaches the browser within ``interval_s`` plus the snapshot's own query time of a
 change in the database, whichever process (API, scheduler, MQTT ingest, another replica) made it.
@@ -27,21 +28,26 @@ import asyncio
 import hashlib
 import hmac
 import logging
+import math
+import threading
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from typing import Generic, TypeVar
 
 from sqlmodel import Session
 
 from fleet.models import ApiToken
 
-__all__ = ["TICKET_TTL_S", "LiveHub", "Snapshot", "check_ticket", "issue_ticket"]
+__all__ = ["TICKET_TTL_S", "LiveHub", "Recent", "Snapshot", "check_ticket", "issue_ticket"]
 
 logger = logging.getLogger(__name__)
 TICKET_TTL_S = 60
 _TICKET_CONTEXT = b"edgefleet console stream ticket\0"
 
 Snapshot = tuple[str, str]  # (SSE event name, JSON text)
+T = TypeVar("T")
 
 
 # -- tickets ---------------------------------------------------------------------------------
@@ -70,6 +76,35 @@ def check_ticket(session: Session, ticket: str, *, now: float) -> ApiToken | Non
     if token is None or token.revoked:
         return None
     return token if hmac.compare_digest(parts[2], _mac(token, expires)) else None
+
+
+# -- sharing a result ------------------------------------------------------------------------
+
+
+class Recent(Generic[T]):
+    """The latest result of one computation, shared while it is younger than ``max_age_s``.
+
+    Viewers that load a page at the same time, and the live feed, then compute it once. One
+    computation runs at a time: a caller that arrives meanwhile waits for it and takes its
+    result. The age counts from the start of the computation, so a result never reflects the
+    database as of more than ``max_age_s`` ago. Safe from any thread.
+    """
+
+    def __init__(self, max_age_s: float, *, clock: Callable[[], float] = time.monotonic) -> None:
+        self.max_age_s = max_age_s
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._value: T | None = None
+        self._started = -math.inf
+
+    def get(self, compute: Callable[[], T]) -> T:
+        """The shared result, computed now by ``compute`` if there is none young enough."""
+        with self._lock:
+            started = self._clock()
+            if self._value is None or started - self._started >= self.max_age_s:
+                self._value = compute()
+                self._started = started
+            return self._value
 
 
 # -- the hub ---------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import and_, case, exists, func, or_
+from sqlalchemy import and_, exists, func, or_
 from sqlalchemy import select as core_select
 from sqlalchemy.sql.elements import ColumnElement
 from sqlmodel import Session, select
@@ -75,33 +75,40 @@ def _rows(session: Session, statement: Any) -> list[Any]:
 # -- overview ------------------------------------------------------------------------------------
 
 
-def _online_sum() -> ColumnElement[Any]:
-    return func.coalesce(func.sum(case((DEVICES.online, 1), else_=0)), 0)
-
-
 def overview(session: Session, summaries: Summaries) -> dict[str, Any]:
     """Devices by online state, hardware class, runtime, model version and install state; the
-    active rollouts with their progress."""
-    total, online = _rows(session, select(func.count(), _online_sum()).select_from(Device))[0]
-    classes = _rows(
+    active rollouts with their progress.
+
+    Two aggregate queries: devices by (hardware class, online), and model installs by
+    (model, version, state, runtime); both are answered from an index (migration 0005).
+    """
+    devices = _rows(
         session,
-        select(DEVICES.hardware_class, func.count(), _online_sum())
-        .group_by(DEVICES.hardware_class)
-        .order_by(func.count().desc()),
-    )
-    versions = _rows(
-        session,
-        select(MODELS.model, MODELS.version, MODELS.state, func.count()).group_by(
-            MODELS.model, MODELS.version, MODELS.state
+        select(DEVICES.hardware_class, DEVICES.online, func.count()).group_by(
+            DEVICES.hardware_class, DEVICES.online
         ),
     )
-    runtimes = _rows(session, select(MODELS.runtime, func.count()).group_by(MODELS.runtime))
+    installs = _rows(
+        session,
+        core_select(
+            MODELS.model, MODELS.version, MODELS.state, MODELS.runtime, func.count()
+        ).group_by(MODELS.model, MODELS.version, MODELS.state, MODELS.runtime),
+    )
+    classes: dict[str | None, list[int]] = {}
+    for name, up, n in devices:
+        counts = classes.setdefault(name, [0, 0])
+        counts[0] += n
+        counts[1] += n if up else 0
+    total = sum(n for n, _ in classes.values())
+    online = sum(up for _, up in classes.values())
+    versions = [(model, version, state, n) for model, version, state, _, n in installs]
     return {
-        "devices": {"total": total, "online": int(online), "offline": total - int(online)},
+        "devices": {"total": total, "online": online, "offline": total - online},
         "hardware_classes": [
-            {"name": name or "unknown", "devices": n, "online": int(up)} for name, n, up in classes
+            {"name": name or "unknown", "devices": n, "online": up}
+            for name, (n, up) in sorted(classes.items(), key=lambda kv: -kv[1][0])
         ],
-        "runtimes": _fold_runtimes(runtimes),
+        "runtimes": _fold_runtimes([(runtime, n) for *_, runtime, n in installs]),
         "models": _fold_versions(versions),
         "states": _fold_states(versions),
         "rollouts": summaries(session, active_only=True),

@@ -20,6 +20,10 @@ endpoint                              what
 ``POST ticket``                       a short-lived ticket for the live stream
 ``GET  live?topic=...&ticket=...``    server-sent events: the topic's snapshot when it changes
 ====================================  ==========================================================
+
+A topic is a page: ``overview``, ``rollouts``, ``rollout/<id>``, ``device/<id>``, and the lists
+with their filters as the page's endpoint takes them, ``devices?online=false&offset=50`` and
+``audit?action=rollout.``.
 """
 
 from __future__ import annotations
@@ -32,16 +36,24 @@ from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any
+from urllib.parse import parse_qsl
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request, status
 from fastapi.responses import StreamingResponse
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationError
 from sqlmodel import Session
 
 from fleet import crud
 from fleet.api import SessionDep, require
 from fleet.console import queries
-from fleet.console.live import TICKET_TTL_S, LiveHub, Snapshot, check_ticket, issue_ticket
+from fleet.console.live import (
+    TICKET_TTL_S,
+    LiveHub,
+    Recent,
+    Snapshot,
+    check_ticket,
+    issue_ticket,
+)
 from fleet.console.rollout_views import RolloutViews
 from fleet.models import ApiToken, RolloutRecord
 from shared.bundle import inspect_bundle
@@ -55,11 +67,17 @@ Viewer = Annotated[ApiToken, Depends(require("viewer"))]
 STREAM_LIFETIME_S = 30.0  # a stream ends after this; the page reconnects with a new ticket
 KEEPALIVE_S = 10.0
 RELEASE_CHECK_TTL_S = 60.0
-_TOPIC = re.compile(r"^(overview|rollouts|audit|(rollout|device)/[A-Za-z0-9._-]{1,64})$")
+_TOPIC = re.compile(
+    r"^(overview|rollouts|(audit|devices)(\?[\x21-\x7e]{0,400})?|(rollout|device)/[A-Za-z0-9._-]{1,64})$"
+)
 
 
 def _views(request: Request) -> RolloutViews:
     return request.app.state.console_views  # type: ignore[no-any-return]
+
+
+def _overview(request: Request) -> Recent[dict[str, Any]]:
+    return request.app.state.console_overview  # type: ignore[no-any-return]
 
 
 def _rollout_record(session: Session, rollout_id: str) -> RolloutRecord:
@@ -69,19 +87,74 @@ def _rollout_record(session: Session, rollout_id: str) -> RolloutRecord:
     return record
 
 
-def topic_snapshot(session: Session, views: RolloutViews, topic: str) -> dict[str, Any]:
+class DeviceFilters(BaseModel):
+    """The devices page's filters and page: the query of ``GET devices`` and of the live topic
+    ``devices?...``."""
+
+    search: str | None = Field(default=None, max_length=64)
+    online: bool | None = None
+    hardware_class: str | None = Field(default=None, max_length=128)
+    model: str | None = Field(default=None, max_length=64)
+    version: str | None = Field(default=None, max_length=64)
+    state: str | None = Field(default=None, pattern="^(active|probation|failed|none)$")
+    limit: int = Field(default=50, ge=1, le=500)
+    offset: int = Field(default=0, ge=0)
+
+
+class AuditFilters(BaseModel):
+    """The audit page's filters: the query of ``GET audit`` and of the live topic ``audit?...``."""
+
+    action: str | None = Field(default=None, max_length=64)
+    actor: str | None = Field(default=None, max_length=64)
+    target: str | None = Field(default=None, max_length=256)
+    before: int | None = Field(default=None, ge=1)
+    limit: int = Field(default=100, ge=1, le=500)
+
+
+_LIST_FILTERS: dict[str, type[DeviceFilters | AuditFilters]] = {
+    "devices": DeviceFilters,
+    "audit": AuditFilters,
+}
+
+
+def list_filters(topic: str) -> DeviceFilters | AuditFilters | None:
+    """The filters in a ``devices?...`` or ``audit?...`` topic; None for the other topics.
+
+    Raises:
+        pydantic.ValidationError: a filter value the page's endpoint would refuse.
+    """
+    kind, _, query = topic.partition("?")
+    if kind not in _LIST_FILTERS:
+        return None
+    return _LIST_FILTERS[kind].model_validate(dict(parse_qsl(query)))
+
+
+def topic_snapshot(
+    session: Session,
+    views: RolloutViews,
+    topic: str,
+    *,
+    overview: Recent[dict[str, Any]] | None = None,
+) -> dict[str, Any]:
     """The document a page shows for ``topic``: what its endpoint returns and its stream sends.
+
+    ``overview`` shares the overview between the viewers and the live feed (see
+    :class:`~fleet.console.live.Recent`).
 
     Raises:
         NotFound: an unknown device or rollout, or an unknown topic.
     """
+    filters = list_filters(topic)
+    if filters is not None:
+        read = queries.devices if isinstance(filters, DeviceFilters) else queries.audit
+        return read(session, **filters.model_dump())
     kind, _, name = topic.partition("/")
     if kind == "overview":
-        return queries.overview(session, views.summaries)
+        if overview is None:
+            return queries.overview(session, views.summaries)
+        return overview.get(lambda: queries.overview(session, views.summaries))
     if kind == "rollouts":
         return queries.rollout_list(session, views.summaries)
-    if kind == "audit":
-        return queries.audit(session)
     if kind == "rollout" and name:
         return views.detail(session, _rollout_record(session, name))
     if kind == "device" and name:
@@ -101,34 +174,14 @@ def _found(call: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
 
 @router.get("/overview")
 def overview(request: Request, session: SessionDep, _: Viewer) -> dict[str, Any]:
-    return topic_snapshot(session, _views(request), "overview")
+    return topic_snapshot(session, _views(request), "overview", overview=_overview(request))
 
 
 @router.get("/devices")
 def devices(
-    *,
-    session: SessionDep,
-    _: Viewer,
-    search: Annotated[str | None, Query(max_length=64)] = None,
-    online: bool | None = None,
-    hardware_class: Annotated[str | None, Query(max_length=128)] = None,
-    model: Annotated[str | None, Query(max_length=64)] = None,
-    version: Annotated[str | None, Query(max_length=64)] = None,
-    state: Annotated[str | None, Query(pattern="^(active|probation|failed|none)$")] = None,
-    limit: Annotated[int, Query(ge=1, le=500)] = 50,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    session: SessionDep, _: Viewer, filters: Annotated[DeviceFilters, Query()]
 ) -> dict[str, Any]:
-    return queries.devices(
-        session,
-        search=search,
-        online=online,
-        hardware_class=hardware_class,
-        model=model,
-        version=version,
-        state=state,
-        limit=limit,
-        offset=offset,
-    )
+    return queries.devices(session, **filters.model_dump())
 
 
 @router.get("/devices/{device_id}")
@@ -175,18 +228,9 @@ def preview(body: PlanIn, request: Request, session: SessionDep, _: Viewer) -> d
 
 @router.get("/audit")
 def audit(
-    *,
-    session: SessionDep,
-    _: Viewer,
-    action: Annotated[str | None, Query(max_length=64)] = None,
-    actor: Annotated[str | None, Query(max_length=64)] = None,
-    target: Annotated[str | None, Query(max_length=256)] = None,
-    before: Annotated[int | None, Query(ge=1)] = None,
-    limit: Annotated[int, Query(ge=1, le=500)] = 100,
+    session: SessionDep, _: Viewer, filters: Annotated[AuditFilters, Query()]
 ) -> dict[str, Any]:
-    return queries.audit(
-        session, action=action, actor=actor, target=target, before=before, limit=limit
-    )
+    return queries.audit(session, **filters.model_dump())
 
 
 # -- releases --------------------------------------------------------------------------------
@@ -259,13 +303,20 @@ def ticket(token: Viewer) -> dict[str, Any]:
     return {"ticket": issue_ticket(token, now=time.time()), "expires_in_s": TICKET_TTL_S}
 
 
-def compute_topics(engine: Any, views: RolloutViews, topics: list[str]) -> dict[str, Snapshot]:
+def compute_topics(
+    engine: Any,
+    views: RolloutViews,
+    topics: list[str],
+    *,
+    overview: Recent[dict[str, Any]] | None = None,
+) -> dict[str, Snapshot]:
     """Each topic's snapshot as ``(event, json)``: ``update``, or ``problem`` with a detail."""
     out: dict[str, Snapshot] = {}
     with Session(engine) as session:
         for topic in topics:
             try:
-                doc, event = topic_snapshot(session, views, topic), "update"
+                doc = topic_snapshot(session, views, topic, overview=overview)
+                event = "update"
             except queries.NotFound as e:
                 doc, event = {"detail": str(e), "status": 404}, "problem"
             out[topic] = (event, json.dumps(doc, default=str, separators=(",", ":")))
@@ -276,8 +327,10 @@ def compute_topics(engine: Any, views: RolloutViews, topics: list[str]) -> dict[
 def _hub(request: Request) -> LiveHub:
     state = request.app.state
     if getattr(state, "console_hub", None) is None:
-        engine, views = state.engine, state.console_views
-        state.console_hub = LiveHub(lambda topics: compute_topics(engine, views, topics))
+        engine, views, shared = state.engine, state.console_views, state.console_overview
+        state.console_hub = LiveHub(
+            lambda topics: compute_topics(engine, views, topics, overview=shared)
+        )
     return state.console_hub  # type: ignore[no-any-return]
 
 
@@ -304,7 +357,7 @@ async def _events(hub: LiveHub, topic: str) -> AsyncIterator[str]:
 @router.get("/live")
 async def live(
     request: Request,
-    topic: Annotated[str, Query(max_length=80)],
+    topic: Annotated[str, Query(max_length=512)],
     ticket: Annotated[str, Query(max_length=200)],
 ) -> StreamingResponse:
     """Server-sent events for ``topic``: ``update`` (the snapshot), ``problem`` (e.g. the
@@ -312,8 +365,15 @@ async def live(
     if not _TOPIC.match(topic):
         raise HTTPException(
             status.HTTP_422_UNPROCESSABLE_CONTENT,
-            f"topic must be overview, rollouts, audit, rollout/<id> or device/<id>, got {topic!r}",
+            "topic must be overview, rollouts, audit[?filters], devices[?filters], rollout/<id> "
+            f"or device/<id>, got {topic!r}",
         )
+    try:
+        list_filters(topic)
+    except ValidationError as e:
+        raise HTTPException(
+            status.HTTP_422_UNPROCESSABLE_CONTENT, f"bad filters in topic {topic!r}: {e}"
+        ) from e
     engine = request.app.state.engine
 
     def authenticate() -> ApiToken | None:

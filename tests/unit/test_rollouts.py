@@ -956,17 +956,70 @@ def test_a_last_stage_with_nobody_left_on_the_old_version_uses_the_earlier_contr
 
 
 def test_latency_gate_is_inconclusive_without_a_control_group():
-    plan = make_plan(stages=(Stage(percent=100, soak_s=0),), gates=Gates(min_sample=2))
+    plan = make_plan(
+        stages=(Stage(percent=100, soak_s=0),), gates=Gates(min_sample=2, sample_wait_s=60)
+    )
     devices = make_fleet(4)
     r = step(plan, Rollout(), devices=devices, now=0.0)
     ids = dispatched(r)
     new = {(d, V2): DeviceMetrics(100, 0, 12.0) for d in ids}
     devices = running(devices, ids, V2, 10.0)
-    r = step(plan, r.rollout, devices=devices, events=committed(ids), metrics=new, now=10.0)
+    events = committed(ids)
+    r = step(plan, r.rollout, devices=devices, events=events, metrics=new, now=10.0)
+    assert not decisions(r), "the gate waits sample_wait_s for telemetry first"
+    r = step(plan, r.rollout, devices=devices, metrics=new, now=71.0)
     decision = decisions(r)[0]
     assert decision.verdict == "inconclusive"
     assert decision.figures["checks"]["latency"] == "inconclusive"
     assert "0 control devices" in decision.reason
+    assert r.rollout.state is RolloutState.PAUSED
+
+
+def _first_stage_done(sample_wait_s: float) -> tuple[Plan, StepResult, list[DeviceView], list[str]]:
+    """A two-stage rollout whose first stage has just finished installing, with no telemetry."""
+    plan = make_plan(
+        stages=(Stage(percent=50, soak_s=5), Stage(percent=100, soak_s=5)),
+        gates=Gates(min_sample=2, sample_wait_s=sample_wait_s),
+    )
+    devices = make_fleet(8)
+    r = step(plan, Rollout(), devices=devices, now=0.0)
+    ids = dispatched(r)
+    devices = running(devices, ids, V2, 10.0)
+    r = step(plan, r.rollout, devices=devices, events=committed(ids), metrics={}, now=10.0)
+    assert not decisions(r)
+    return plan, r, devices, ids
+
+
+def test_gate_waits_after_the_soak_for_telemetry_that_arrives_late():
+    plan, r, devices, ids = _first_stage_done(sample_wait_s=120)
+    # the soak is over, but the new version's devices have not reported telemetry yet
+    r = step(plan, r.rollout, devices=devices, metrics={}, now=20.0)
+    assert not decisions(r)
+    assert r.rollout.state is RolloutState.RUNNING
+    control = [d.device_id for d in devices if d.device_id not in ids]
+    metrics = {(d, V2): DeviceMetrics(100, 0, 11.0) for d in ids} | {
+        (d, V1): DeviceMetrics(100, 0, 10.0) for d in control
+    }
+    r = step(plan, r.rollout, devices=devices, metrics=metrics, now=30.0)
+    decision = decisions(r)[0]
+    assert decision.verdict == "pass", decision.reason
+    assert decision.figures["checks"]["latency"] == "pass"
+
+
+def test_gate_without_telemetry_pauses_once_sample_wait_has_passed():
+    plan, r, devices, _ids = _first_stage_done(sample_wait_s=120)
+    r = step(plan, r.rollout, devices=devices, metrics={}, now=134.0)  # soak ended at 15 s
+    assert not decisions(r)
+    r = step(plan, r.rollout, devices=devices, metrics={}, now=136.0)
+    decision = decisions(r)[0]
+    assert decision.verdict == "inconclusive"
+    assert "latency" in decision.reason
+    assert r.rollout.state is RolloutState.PAUSED
+
+
+def test_gates_refuse_a_negative_sample_wait():
+    with pytest.raises(ValueError, match="sample_wait_s must be >= 0 seconds, got -1"):
+        Gates(sample_wait_s=-1)
 
 
 def test_step_is_deterministic():

@@ -1,6 +1,7 @@
 // The audit log: hash-chained entries, newest first, with filters and older pages. Live while
-// it shows the newest entries: topic "audit".
+// it shows the newest entries: topic "audit?<the filters>".
 
+import { query } from "../api.js";
 import { fmtTime, h, heading, replace, tableWrap } from "../dom.js";
 
 const PAGE = 100;
@@ -57,7 +58,6 @@ function filterForm(ctx) {
 export async function render(ctx) {
   ctx.view.append(heading("Audit log"));
   const filters = { action: ctx.query.get("action"), actor: ctx.query.get("actor"), target: ctx.query.get("target") };
-  const filtered = Object.values(filters).some(Boolean);
   const chain = h("p", { id: "chain", role: "status" });
   const body = h("tbody", {});
   const more = h("button", { type: "button", class: "secondary", id: "older" }, "Older entries");
@@ -91,14 +91,12 @@ export async function render(ctx) {
   const [, check] = await Promise.all([load(undefined), ctx.api.get("/api/v1/audit", { limit: 1 })]);
   replace(chain, check.chain_ok ? "Hash chain verified: no entry was changed, removed or reordered." : "The hash chain is broken: an entry was changed, removed or reordered.");
   chain.className = check.chain_ok ? "ok" : "error";
-  if (!filtered) {
-    ctx.watch("audit", {
-      onUpdate: (page) => {
-        if (body.querySelectorAll("tr").length > PAGE) return; // the reader paged back: leave it be
-        replace(body, rows(page.entries));
-        if (page.entries.length) oldest = page.entries[page.entries.length - 1].id;
-        more.hidden = page.entries.length < PAGE;
-      },
-    });
-  }
+  ctx.watch(`audit${query({ ...filters, limit: PAGE })}`, {
+    onUpdate: (page) => {
+      if (body.querySelectorAll("tr").length > PAGE) return; // the reader paged back: leave it be
+      replace(body, rows(page.entries));
+      if (page.entries.length) oldest = page.entries[page.entries.length - 1].id;
+      more.hidden = page.entries.length < PAGE;
+    },
+  });
 }

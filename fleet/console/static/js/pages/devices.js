@@ -1,7 +1,9 @@
 // Devices: filters (search, online, hardware class, model version, install state) and one page
 // of 50 devices at a time. The filters live in the address (#/devices?online=false&...).
+// Live: topic "devices?<the same filters and page>".
 
-import { badge, fmtAgo, fmtCount, h, heading, tableWrap } from "../dom.js";
+import { query } from "../api.js";
+import { badge, fmtAgo, fmtCount, h, heading, replace, tableWrap } from "../dom.js";
 
 const PAGE = 50;
 const FILTERS = ["search", "online", "hardware_class", "model", "version", "state"];
@@ -108,11 +110,16 @@ export async function render(ctx) {
     ctx.api.get("/api/v1/console/overview"),
     ctx.api.get("/api/v1/console/devices", params),
   ]);
-  ctx.view.append(
-    filterForm(ctx, facets),
+  const list = h("div", { id: "device-list" }, listing(ctx, page));
+  ctx.view.append(filterForm(ctx, facets), list);
+  ctx.watch(`devices${query(params)}`, { onUpdate: (next) => replace(list, listing(ctx, next)) });
+}
+
+function listing(ctx, page) {
+  return [
     pager(ctx, page),
     page.devices.length
       ? tableWrap("Devices matching the filters", ["Device", "Connection", "Hardware class", "Group", "Models", "Last seen"], page.devices.map(deviceRow), { id: "device-table" })
       : h("p", { class: "muted" }, "No device matches these filters."),
-  );
+  ];
 }
