@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from agent.platform import DevicePlatform
-from agent.runtimes.base import Backend, Candidate, RuntimeLoadError, RuntimeStatus
+from agent.runtimes.base import ArtifactRef, Backend, Candidate, RuntimeLoadError, RuntimeStatus
 from agent.runtimes.inventory import Accelerator, CpuInfo, Inventory
 from agent.runtimes.trial import TrialSettings
 from shared.bundle import MANIFEST_NAME
@@ -290,7 +290,9 @@ class SimulatedBackend(Backend):
             )
         ]
 
-    def load(self, model_root: Path, artifact: Artifact, candidate: Candidate) -> _SimulatedModel:
+    def load(
+        self, model_root: Path, artifact: ArtifactRef, candidate: Candidate
+    ) -> _SimulatedModel:
         manifest = _manifest(model_root)
         path = model_root / artifact.files[0]
         digests = {f.path: f.sha256 for f in manifest.files} if manifest else {}

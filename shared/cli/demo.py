@@ -11,7 +11,9 @@ from shared.cli.common import print_json
 
 
 def demo(
-    devices: Annotated[int, typer.Option(help="How many devices (real agent processes).")] = 3,
+    devices: Annotated[
+        int, typer.Option(help="How many virtual devices, each running the real agent.")
+    ] = 12,
     headless: Annotated[bool, typer.Option(help="Exit when the story is done.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON summary and exit.")] = (
         False
@@ -20,6 +22,13 @@ def demo(
         "edgefleet-demo"
     ),
     port: Annotated[int, typer.Option(help="The fleet service's port.")] = 8080,
+    broker: Annotated[
+        str,
+        typer.Option(
+            help="auto (mosquitto if installed, else the embedded Python broker), "
+            "mosquitto, or embedded (amqtt: MQTT 3.1.1, no packet size limit)."
+        ),
+    ] = "auto",
 ) -> None:
     """Run the whole system locally: broker, fleet service, devices, three staged rollouts.
 
@@ -33,7 +42,12 @@ def demo(
         raise UsageError(f"--devices must be at least 1, got {devices}")
     summary = run_demo(
         DemoOptions(
-            work_dir=work_dir, devices=devices, headless=headless, as_json=as_json, port=port
+            work_dir=work_dir,
+            devices=devices,
+            headless=headless,
+            as_json=as_json,
+            port=port,
+            broker=broker,
         )
     )
     if as_json:

@@ -1,4 +1,4 @@
-"""``edgefleet demo --json``: the README's main job, run as a user runs it."""
+"""``edgefleet demo --json``: the README's main job, run as a user runs it, with each broker."""
 
 from __future__ import annotations
 
@@ -9,6 +9,10 @@ import sys
 
 import pytest
 
+import simulators.demo
+from shared.errors import UsageError
+from simulators.demo import start_broker
+
 pytestmark = pytest.mark.integration
 
 
@@ -18,7 +22,9 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def test_demo_tells_the_whole_story(tmp_path):
+# mosquitto: MQTT 5, shared subscriptions. embedded: amqtt, MQTT 3.1.1 (about 30 s).
+@pytest.mark.parametrize(("broker", "mqtt_protocol"), [("mosquitto", 5), ("embedded", 311)])
+def test_demo_tells_the_whole_story(tmp_path, broker, mqtt_protocol):
     proc = subprocess.run(
         [
             sys.executable,
@@ -32,6 +38,8 @@ def test_demo_tells_the_whole_story(tmp_path):
             str(tmp_path / "demo"),
             "--port",
             str(free_port()),
+            "--broker",
+            broker,
         ],
         capture_output=True,
         text=True,
@@ -40,6 +48,8 @@ def test_demo_tells_the_whole_story(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads(proc.stdout)
+    assert summary["broker"]["kind"] == broker
+    assert summary["broker"]["mqtt_protocol"] == mqtt_protocol
     assert summary["devices"] == 12
     by_version = {r["version"]: r for r in summary["rollouts"]}
     assert by_version["1.0.0"]["state"] == "completed"
@@ -57,3 +67,21 @@ def test_demo_tells_the_whole_story(tmp_path):
     assert bad["ever_ran"] <= 12 * 0.34 + 3
     # ...and every one of them was reverted: all devices, by their own data, run v2.
     assert summary["device_versions"] == {"2.0.0": 12}
+
+
+def test_without_mosquitto_the_demo_runs_the_embedded_broker(tmp_path, monkeypatch):
+    monkeypatch.setattr(simulators.demo, "find_mosquitto", lambda: None)
+    with start_broker(tmp_path, "auto") as broker:
+        assert broker.kind == "embedded"
+        assert broker.mqtt_protocol == 311
+        assert broker.description.startswith("mosquitto not found, so the embedded Python broker")
+        with socket.create_connection(("127.0.0.1", broker.port), timeout=5):
+            pass
+
+
+def test_an_unknown_broker_is_refused(tmp_path):
+    with (
+        pytest.raises(UsageError, match="--broker must be one of auto, mosquitto, embedded"),
+        start_broker(tmp_path, "rabbitmq"),
+    ):
+        pass

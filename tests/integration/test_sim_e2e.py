@@ -21,7 +21,7 @@ from sqlmodel import Session, create_engine, select
 
 from fleet.models import DeviceEvent, RolloutRecord
 from fleet.rollout_codec import decode_rollout
-from simulators.demo import BAD_V3, make_releases, run_broker, run_fleet
+from simulators.demo import BAD_V3, MAX_P95_RATIO, make_releases, run_broker, run_fleet
 from simulators.hardware import DEFAULT_PROFILES, parse_profiles
 from simulators.virtual import Simulation, SimulationOptions, VirtualDevice, parse_faults
 from tests.integration.conftest import free_port
@@ -150,7 +150,7 @@ def test_staged_rollout_with_devices_offline_and_enrolling_midway(world: World) 
     for device in asleep:
         device.power_off()
     wait_for(lambda: online(world) == DEVICES - len(asleep))
-    rollout_id = world.rollout("2.0.0", [10, 50, 100], max_p95_ratio=1.5)
+    rollout_id = world.rollout("2.0.0", [10, 50, 100], max_p95_ratio=MAX_P95_RATIO)
     # Mid-rollout, once the first stage has passed, five new devices enroll.
     wait_for(lambda: world.status(rollout_id)["stage"] >= 1)
     newcomers = sim.add_devices(5)
@@ -172,7 +172,7 @@ def test_staged_rollout_with_devices_offline_and_enrolling_midway(world: World) 
 
 
 def test_bad_model_is_halted_at_its_first_stage_and_reverted(world: World) -> None:
-    rollout_id = world.rollout("3.0.0", [10, 100], max_p95_ratio=1.5)
+    rollout_id = world.rollout("3.0.0", [10, 100], max_p95_ratio=MAX_P95_RATIO)
     done = world.wait(rollout_id, ("completed", "halted", "paused"))
     assert done["state"] == "halted", done["decisions"]
     assert done["stage"] == 0
