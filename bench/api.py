@@ -2,7 +2,8 @@
 
 One command::
 
-    .venv/bin/python bench/api.py [--devices 10000] [--clients 50] [--duration 20] [--json]
+    .venv/bin/python bench/api.py [--devices 10000] [--clients 50] [--duration 20]
+        [--page-cache-s S] [--json]
 
 For each database (a fresh PostgreSQL database, dropped at the end, and SQLite, the embedded
 default) it:
@@ -21,10 +22,13 @@ default) it:
   header, as ``edgefleet device list`` does (reported; a latency sample is a whole walk, and
   under load each client walks once, all at the same time). Each case is also run with a
   single client for ``--single-s`` seconds (latency without queueing).
-- The limit: the two SQL queries the endpoint runs for the same page (the listed columns of the
-  devices ordered by id with LIMIT, then their ``devicemodel`` rows by ``device_id IN (...)``),
-  for every page in the whole-fleet case, with SQLAlchemy Core on one connection, sequentially,
-  no HTTP.
+- The limit: the query the endpoint runs for the same page (``crud.device_page``: one
+  statement, whose rows pydantic reads), for every page in the whole-fleet case, on one
+  connection, sequentially, no HTTP.
+- ``--page-cache-s`` sets the service's ``device_list_cache_s`` (how long it reuses an answer
+  for the same query; 1 s by default). All the clients ask for the same page, so with the
+  cache nearly every request is answered from memory; ``--page-cache-s 0`` measures the page
+  read on every request.
 
 The server's CPU time during the load (``utime + stime`` from ``/proc``) is reported too: a figure
 near 1.0 core means the single service process is CPU bound.
@@ -71,8 +75,13 @@ def serve_main(spec: str) -> None:
     from fleet.app import create_app
     from fleet.config import FleetSettings
 
+    cache = {} if args["page_cache_s"] is None else {"device_list_cache_s": args["page_cache_s"]}
     settings = FleetSettings(
-        data_dir=Path(args["data_dir"]), db=args["db"], keys=Path(args["keys"]), port=args["port"]
+        data_dir=Path(args["data_dir"]),
+        db=args["db"],
+        keys=Path(args["keys"]),
+        port=args["port"],
+        **cache,
     )
     uvicorn.run(
         create_app(settings),
@@ -282,29 +291,22 @@ def populate(engine: Any, devices: int) -> None:
 
 
 def sql_limit(engine: Any, limit: int, repeat: int, *, walk: bool = False) -> dict[str, Any]:
-    """Time the endpoint's two queries for one page, or for every page with ``walk``, with
-    SQLAlchemy Core on one connection, sequentially (the limit)."""
-    from sqlalchemy import select
+    """Time the endpoint's query for one page, or for every page with ``walk``
+    (``crud.device_page``: the statement, and pydantic reading its rows), on one connection,
+    sequentially, without HTTP (the limit)."""
+    from fleet import crud
 
-    from fleet.models import Device, DeviceModel
-
-    device = Device.__table__.c  # type: ignore[attr-defined]
-    model = DeviceModel.__table__.c  # type: ignore[attr-defined]
-    columns = (device.id, device.online, device.hardware_class, device.group, device.last_seen)
     times = []
-    with engine.connect() as conn:
+    with crud.reading(engine) as conn:
         for i in range(repeat + 3):
             t0 = time.perf_counter()
-            after, rows = "", 0
+            after, rows = None, 0
             while True:
-                page = select(*columns).where(device.id > after).order_by(device.id).limit(limit)
-                ids = [r.id for r in conn.execute(page)]
-                query = select(model.device_id, model.model, model.version)
-                conn.execute(query.where(model.device_id.in_(ids))).fetchall()
-                rows += len(ids)
-                if not walk or len(ids) < limit:
+                page = crud.device_page(conn, limit=limit, after=after)
+                rows += len(page)
+                if not walk or len(page) < limit:
                     break
-                after = ids[-1]
+                after = page[-1]["id"]
             if i >= 3:  # three warm-up rounds
                 times.append(time.perf_counter() - t0)
     return {"runs": repeat, "rows": rows, **_summary_ms(times)}
@@ -376,7 +378,13 @@ def bench_backend(
         engine.dispose()
 
     port = _free_port()
-    spec = {"data_dir": str(tmp / f"data-{name}"), "db": url, "keys": str(keys), "port": port}
+    spec = {
+        "data_dir": str(tmp / f"data-{name}"),
+        "db": url,
+        "keys": str(keys),
+        "port": port,
+        "page_cache_s": opts.page_cache_s,
+    }
     env = {**os.environ, "EDGEFLEET_ADMIN_TOKEN": TOKEN}
     server = subprocess.Popen(
         [sys.executable, str(Path(__file__).resolve()), "--serve", json.dumps(spec)], env=env
@@ -454,6 +462,7 @@ def run_benchmark(opts: argparse.Namespace, log: Any) -> dict[str, Any]:
         "command": shlex.join(getattr(sys, "orig_argv", [sys.executable, *sys.argv])),
         "machine": {**machine_info(), "load_average_before": load_before},
         "units": {"latency": "ms", "throughput": "requests/s", "cpu": "cores (CPU s per s)"},
+        "page_cache_s": _page_cache_s(opts),
         "request": f"GET /api/v1/devices?limit={page} (one page), and every page of the whole "
         "fleet by limit=1000, following each Link header; Authorization: Bearer; closed loop, "
         "one keep-alive connection per client",
@@ -466,6 +475,16 @@ def run_benchmark(opts: argparse.Namespace, log: Any) -> dict[str, Any]:
         "p99_ms": goal,
         "goal_met": {db: p99 <= GOAL_P99_MS for db, p99 in goal.items()},
     }
+
+
+def _page_cache_s(opts: argparse.Namespace) -> float:
+    """The device_list_cache_s the service runs with."""
+    if opts.page_cache_s is not None:
+        return float(opts.page_cache_s)
+    sys.path.insert(0, str(REPO))
+    from fleet.config import FleetSettings
+
+    return float(FleetSettings.model_fields["device_list_cache_s"].default)
 
 
 def print_report(report: dict[str, Any]) -> None:
@@ -484,6 +503,10 @@ def print_report(report: dict[str, Any]) -> None:
         f"{m['load_average_before'][0]:.1f}/{m['load_average'][0]:.1f}"
     )
     console.print(f"[bold]request:[/] {report['request']}")
+    console.print(
+        f"[bold]page cache:[/] the service reuses an answer for {report['page_cache_s']:g} s "
+        "(device_list_cache_s; 0: every request reads its page)"
+    )
     table = Table(
         title=f"fleet API, device list, {report['devices']} devices "
         f"({report['duration_s']:g} s per loaded case, latency in ms)"
@@ -573,6 +596,12 @@ def main() -> None:
     parser.add_argument("--single-s", type=float, default=5, help="seconds of the 1-client case")
     parser.add_argument("--databases", default="postgresql,sqlite", help="comma-separated")
     parser.add_argument("--pg", default=DEFAULT_PG, help="PostgreSQL server URL")
+    parser.add_argument(
+        "--page-cache-s",
+        type=float,
+        default=None,
+        help="the service's device_list_cache_s (default: its own default); 0 reads every page",
+    )
     parser.add_argument("--json", action="store_true", help="print a JSON object instead")
     opts = parser.parse_args()
     if opts.devices < 1 or opts.clients < 1 or opts.page < 1 or opts.duration <= 0:

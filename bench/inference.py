@@ -143,7 +143,7 @@ def _components(runner: Any, manifest: Any, x: Any, n: int) -> dict[str, float]:
 
     import numpy as np
 
-    from shared.jsonsafe import nesting_depth
+    from agent.messages import encode_infer_response, parse_infer_request
     from shared.protocol import InferRequest, InferResponse, parse_payload
 
     specs = {t.name: t for t in manifest.inputs}
@@ -170,12 +170,10 @@ def _components(runner: Any, manifest: Any, x: Any, n: int) -> dict[str, float]:
                 .encode()
             ),
         )
-        timed(
-            "agent: parse_payload (all)", lambda p=payload: parse_payload(InferRequest, p, what="r")
+        request = timed(
+            "agent: parse_infer_request (all)", lambda p=payload: parse_infer_request(p)
         )
-        parsed = timed("  of which json.loads", lambda p=payload: json_module.loads(p))
-        timed("  of which nesting_depth (parsed value)", lambda v=parsed: nesting_depth(v))
-        request = parse_payload(InferRequest, payload, what="r")
+        timed("  of which json.loads", lambda p=payload: json_module.loads(p))
         feeds = timed(
             "agent: lists -> numpy",
             lambda r=request: {k: np.asarray(v, dtype=specs[k].dtype) for k, v in r.inputs.items()},
@@ -183,17 +181,13 @@ def _components(runner: Any, manifest: Any, x: Any, n: int) -> dict[str, float]:
         outputs = timed("agent: runner.infer", lambda f=feeds: runner.infer(f))
         response = timed(
             "agent: outputs -> JSON response",
-            lambda r=request, o=outputs: (
-                InferResponse(
-                    correlation_id=r.correlation_id,
-                    model=r.model,
-                    ok=True,
-                    version="1",
-                    outputs={k: v.tolist() for k, v in o.items()},
-                    latency_ms=0.1,
-                )
-                .model_dump_json(exclude_none=True)
-                .encode()
+            lambda r=request, o=outputs: encode_infer_response(
+                correlation_id=r.correlation_id,
+                model=r.model,
+                ok=True,
+                version="1",
+                outputs={k: v.tolist() for k, v in o.items()},
+                latency_ms=0.1,
             ),
         )
         timed(
