@@ -7,6 +7,7 @@ import signal
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -97,7 +98,7 @@ def run(
     stop = threading.Event()
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    say = (lambda _m: None) if as_json else console.print
+    say: Callable[[str], object] = (lambda _m: None) if as_json else console.print
     say(f"starting {devices} virtual devices against {fleet} ...")
     started = time.monotonic()
     try:
