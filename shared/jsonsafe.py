@@ -17,9 +17,22 @@ from typing import Any
 
 from shared.errors import ManifestError
 
-__all__ = ["MAX_DEPTH", "load_json", "nesting_depth"]
+__all__ = ["MAX_DEPTH", "json_kind", "load_json", "nesting_depth"]
 
 MAX_DEPTH = 32
+_JSON_KINDS = {
+    dict: "an object",
+    list: "an array",
+    str: "a string",
+    bool: "a boolean",
+    int: "a number",
+    float: "a number",
+}
+
+
+def json_kind(value: Any) -> str:
+    """What a parsed JSON value is, in words, for error messages: ``an object``, ``null``..."""
+    return "null" if value is None else _JSON_KINDS.get(type(value), type(value).__name__)
 
 
 def nesting_depth(value: Any) -> int:

@@ -13,16 +13,18 @@ topic (under the prefix)     direction  payload
 ``up/fetch``                 device →   :class:`FetchRequest`
 ``down/cmd``                 → device   :class:`Command` (a hint; only signed data is obeyed)
 ``down/fetch``               → device   frame (:func:`encode_frame`): :class:`FetchResponse`+bytes
-``infer/request``            app →      :class:`InferRequest`
-``infer/response/<app>``     → app      :class:`InferResponse`
+``infer/request``            app →      :class:`InferRequest` (JSON, or binary: tensors as bytes)
+``infer/response/<app>``     → app      :class:`InferResponse` (in the request's encoding)
 ==========================  =========  ======================================================
 
 No message is retained and nothing depends on messages queued while a device was offline: after
 any (re)connect the agent reports its state and asks for fresh signed metadata.
 
 JSON payloads are parsed with the same bounds as every other input (:mod:`shared.jsonsafe`) and
-validated by pydantic models that ignore unknown fields (forward compatibility). The topics, the
-device id pattern and :class:`ProtocolError` live in :mod:`shared.topics` (no pydantic) and are
+validated by pydantic models that ignore unknown fields (forward compatibility). Inference
+requests and answers may also be binary (:mod:`shared.tensors`: a JSON header, then the raw
+tensors); :func:`parse_payload` reads both encodings into the same models. The topics, the device
+id pattern and :class:`ProtocolError` live in :mod:`shared.topics` (no pydantic) and are
 re-exported here.
 
 >>> device_topic("dev-001", UP_STATE)
@@ -35,13 +37,13 @@ re-exported here.
 from __future__ import annotations
 
 import json
-import struct
 from datetime import datetime
 from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from shared.errors import ManifestError
+from shared.frames import FETCH_MAGIC, TENSOR_MAGIC, pack_frame, split_frame
 from shared.jsonsafe import MAX_DEPTH, load_json
 from shared.manifest import describe_validation_error
 from shared.topics import (
@@ -96,7 +98,7 @@ __all__ = [
     "parse_payload",
 ]
 
-FRAME_MAGIC = b"EFR1"
+FRAME_MAGIC = FETCH_MAGIC
 MAX_FRAME_HEADER = 16 * 1024
 
 
@@ -199,7 +201,8 @@ class Command(_Message):
 class InferRequest(_Message):
     correlation_id: str = Field(min_length=1, max_length=128)
     model: str
-    inputs: dict[str, Any]  # name -> nested lists (one input, or a batch on axis 0)
+    # name -> nested lists (JSON) or a numpy array (binary); one input, or a batch on axis 0
+    inputs: dict[str, Any]
     reply_to: str | None = Field(default=None, max_length=256)  # an app id, not a topic
 
 
@@ -207,10 +210,14 @@ class InferResponse(_Message):
     correlation_id: str
     model: str
     ok: bool
-    outputs: dict[str, Any] | None = None
+    outputs: dict[str, Any] | None = None  # name -> nested lists (JSON) or a numpy array (binary)
     error: str | None = None
     version: str | None = None
     latency_ms: float | None = None
+
+
+# The messages that may come in the binary encoding, and the field that holds their tensors.
+TENSOR_FIELDS: dict[type[BaseModel], str] = {InferRequest: "inputs", InferResponse: "outputs"}
 
 
 def parse_payload(model: type[_M], data: bytes, *, what: str, tensors: bool = False) -> _M:
@@ -221,11 +228,24 @@ def parse_payload(model: type[_M], data: bytes, *, what: str, tensors: bool = Fa
 
     With ``tensors`` (inference requests), nesting is bounded by the parser's recursion limit
     and by numpy's maximum rank instead of a walk over every element.
+
+    An :class:`InferRequest` or :class:`InferResponse` in the binary encoding
+    (:mod:`shared.tensors`) is read from its header and raw tensors instead, with the tensors as
+    read-only numpy arrays; its fields are validated as the JSON form's.
     """
     try:
-        raw = load_json(
-            data, what=what, max_bytes=MAX_JSON_PAYLOAD, max_depth=None if tensors else MAX_DEPTH
-        )
+        if model in TENSOR_FIELDS and data[:4] == TENSOR_MAGIC:
+            # numpy only when a binary payload arrives: the fleet service never parses one
+            from shared.tensors import decode_tensor_message
+
+            raw = decode_tensor_message(data, TENSOR_FIELDS[model], what=what)
+        else:
+            raw = load_json(
+                data,
+                what=what,
+                max_bytes=MAX_JSON_PAYLOAD,
+                max_depth=None if tensors else MAX_DEPTH,
+            )
         return model.model_validate(raw)
     except ManifestError as e:
         raise ProtocolError(str(e), check="protocol") from e
@@ -238,18 +258,11 @@ def encode_frame(header: FetchResponse, data: bytes = b"") -> bytes:
     head = json.dumps(
         header.model_dump(mode="json", exclude_none=True), separators=(",", ":")
     ).encode()
-    return FRAME_MAGIC + struct.pack(">I", len(head)) + head + data
+    return pack_frame(FRAME_MAGIC, head, data)
 
 
 def decode_frame(frame: bytes) -> tuple[FetchResponse, bytes]:
     """Split a ``down/fetch`` frame. Raises :class:`ProtocolError` on any malformation."""
-    if len(frame) < 8 or frame[:4] != FRAME_MAGIC:
-        raise ProtocolError(f"fetch frame must start with {FRAME_MAGIC!r}, got {frame[:4]!r}")
-    (length,) = struct.unpack(">I", frame[4:8])
-    if length > MAX_FRAME_HEADER or 8 + length > len(frame):
-        raise ProtocolError(
-            f"fetch frame header of {length} bytes does not fit (frame is {len(frame)} bytes, "
-            f"header limit {MAX_FRAME_HEADER})"
-        )
-    header = parse_payload(FetchResponse, frame[8 : 8 + length], what="fetch frame header")
-    return header, frame[8 + length :]
+    head, data = split_frame(frame, FRAME_MAGIC, max_header=MAX_FRAME_HEADER, what="fetch frame")
+    header = parse_payload(FetchResponse, head, what="fetch frame header")
+    return header, bytes(data)
