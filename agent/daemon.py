@@ -41,6 +41,7 @@ from agent.isolation import IsolatedDeployer
 from agent.messages import (
     Command,
     InferRequest,
+    InferRequestError,
     ModelState,
     Phase,
     encode_event,
@@ -262,7 +263,10 @@ class Agent:
             dropped=self.outbox.dropped,
             models={n: m.summary() for n, m in self.metrics.items()},
         )
-        self._report(UP_TELEMETRY, telemetry)
+        # Sent at once when the journal is empty: see Outbox.offer for why that loses nothing.
+        self.outbox.offer(
+            device_topic(self.device_id, UP_TELEMETRY), telemetry, self.link.publish_confirmed
+        )
 
     # -- start-up ------------------------------------------------------------------------------
 
@@ -564,43 +568,66 @@ class Agent:
             message = self.inference.get()
             if message is None or self._stop.is_set():
                 return
-            self._answer(message)
+            try:
+                self._answer(message)
+            except Exception:  # the inference thread must outlive any bug: log, keep serving
+                logger.exception("inference request on %s failed unanswered", message.topic)
 
     def _answer(self, message: Message) -> None:
+        """Answer one ``infer/request`` in its encoding: the outputs, or an error response."""
         try:
             request: InferRequest = parse_infer_request(message.payload)
+        except InferRequestError as e:  # identified, so answerable: its tensors are refused
+            self._reply(e.request, self._error_response(e.request, e))
+            return
         except ProtocolError as e:
             logger.warning("ignoring a malformed inference request: %s", e)
             return
         started = time.perf_counter()
+        response: bytes | None
         try:
             active = self.models.get(request.model)
             if active is None:
                 raise EdgefleetError(f"no model {request.model!r} is active on this device")
-            specs = {t.name: t for t in active.manifest.inputs}
-            unknown = sorted(set(request.inputs) - set(specs))
-            if unknown:
-                raise EdgefleetError(f"unknown inputs {unknown}; the model takes {sorted(specs)}")
-            feeds = {
-                name: np.asarray(value, dtype=specs[name].dtype)
-                for name, value in request.inputs.items()
-            }
+            active.check_inputs(request.inputs, exact=request.binary)
+            if request.binary:  # arrays of the model's dtypes and shapes, used as they arrived
+                feeds = request.inputs
+            else:
+                specs = {t.name: t for t in active.manifest.inputs}
+                feeds = {
+                    name: np.asarray(value, dtype=specs[name].dtype)
+                    for name, value in request.inputs.items()
+                }
             version, outputs = self.infer(request.model, feeds)
             response = encode_infer_response(
                 correlation_id=request.correlation_id,
                 model=request.model,
                 ok=True,
                 version=version,
-                outputs={k: v.tolist() for k, v in outputs.items()},
+                outputs=outputs,
                 latency_ms=(time.perf_counter() - started) * 1000,
+                binary=request.binary,
             )
         except Exception as e:  # every failure becomes an error response, never silence
-            response = encode_infer_response(
+            response = self._error_response(request, e)
+        self._reply(request, response)
+
+    def _error_response(self, request: InferRequest, error: Exception) -> bytes | None:
+        """The error response to ``request``; None if even that cannot be written."""
+        try:
+            return encode_infer_response(
                 correlation_id=request.correlation_id,
                 model=request.model,
                 ok=False,
-                error=str(e)[:1000],
+                error=str(error)[:1000],
+                binary=request.binary,
             )
+        except ValueError as e:  # e.g. a model name too long for a binary answer's header
+            logger.warning("cannot answer inference request %.128s: %s", request.correlation_id, e)
+            return None
+
+    def _reply(self, request: InferRequest, response: bytes | None) -> None:
+        if response is None:
+            return
         app = request.reply_to or "default"
-        topic = device_topic(self.device_id, f"{INFER_RESPONSE}/{app}")
-        self.link.publish(topic, response)
+        self.link.publish(device_topic(self.device_id, f"{INFER_RESPONSE}/{app}"), response)

@@ -66,3 +66,19 @@ def test_outbox_drops_and_counts_a_damaged_record_and_sends_the_rest(tmp_path):
     assert box.dropped == 1
     assert len(box) == 0
     assert not list((tmp_path / "outbox").glob("*.json"))
+
+
+def test_outbox_offer_sends_at_once_when_nothing_waits_and_journals_when_unacknowledged(tmp_path):
+    box = Outbox(tmp_path / "outbox")
+    sent: list[bytes] = []
+    assert box.offer("t", b"online", lambda topic, data: sent.append(data) or True)
+    assert sent == [b"online"]
+    assert len(box) == 0
+    assert not list((tmp_path / "outbox").glob("*.json"))  # nothing was written to disk
+    # Unacknowledged (offline, or the broker did not answer): the record is journalled...
+    assert not box.offer("t", b"offline", lambda topic, data: False)
+    assert len(box) == 1
+    # ...and a later offer queues behind it, so the broker sees them in order.
+    assert not box.offer("t", b"back", lambda topic, data: sent.append(data) or True)
+    assert sent == [b"online", b"offline", b"back"]
+    assert len(box) == 0
