@@ -9,9 +9,12 @@ as plain values, under the same rules:
   (:mod:`shared.jsonsafe`, same size limit), then each field is checked for its type, length and
   allowed values as the model in :mod:`shared.protocol` declares it. Unknown fields are ignored
   (forward compatibility); anything else is refused with a :class:`ProtocolError` that names the
-  field, what was expected and what arrived.
+  field, what was expected and what arrived. An inference request may also be binary: its
+  header is checked field by field the same way, and its tensors are read by the codec that
+  the client and the protocol's models use too (:mod:`shared.tensors`).
 - **Writing** (presence, state, events, telemetry, inference answers): compact JSON that the
-  fleet's models accept; non-finite floats are written as ``null``, as pydantic does.
+  fleet's models accept; non-finite floats are written as ``null``, as pydantic does. An
+  inference answer is written in the encoding of its request.
 
 ``tests/unit/test_agent_messages.py`` holds both sides to the models: every payload there is
 accepted or refused alike by this module and by :func:`shared.protocol.parse_payload`, and what
@@ -28,18 +31,22 @@ from __future__ import annotations
 import json
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any, Literal, TypeVar, cast, get_args
 
+import numpy as np
+
 from shared.errors import ManifestError
-from shared.jsonsafe import MAX_DEPTH, load_json
+from shared.jsonsafe import MAX_DEPTH, json_kind, load_json
+from shared.tensors import encode_tensor_message, is_tensor_message, read_tensor_message
 from shared.topics import DEVICE_ID_PATTERN, MAX_JSON_PAYLOAD, CommandType, Phase, ProtocolError
 
 __all__ = [
     "PHASES",
     "Command",
     "InferRequest",
+    "InferRequestError",
     "ModelState",
     "Phase",
     "encode_event",
@@ -74,12 +81,29 @@ class Command:
 
 @dataclass(frozen=True)
 class InferRequest:
-    """``infer/request``: ``inputs`` maps input names to nested lists (or a batch on axis 0)."""
+    """``infer/request``: ``inputs`` maps input names to tensors (one input, or a batch on axis 0).
+
+    A JSON request's tensors are nested lists, to be converted to the model's dtypes; a binary
+    request's are read-only numpy arrays, as sent, and its answer is binary too.
+    """
 
     correlation_id: str
     model: str
     inputs: dict[str, Any]
     reply_to: str | None = None  # an app id, not a topic
+    binary: bool = False
+
+
+class InferRequestError(ProtocolError):
+    """A binary request that names who to answer, but whose tensors are refused.
+
+    ``request`` (with no inputs) identifies it, so that the daemon can answer with the error,
+    in the request's encoding.
+    """
+
+    def __init__(self, message: str, request: InferRequest) -> None:
+        super().__init__(message)
+        self.request = request
 
 
 class _Fields:
@@ -87,7 +111,7 @@ class _Fields:
 
     def __init__(self, raw: Any, what: str) -> None:
         if not isinstance(raw, dict):
-            raise ProtocolError(f"{what}: expected a JSON object, got {_kind(raw)}")
+            raise ProtocolError(f"{what}: expected a JSON object, got {json_kind(raw)}")
         self.raw: dict[str, Any] = raw
         self.what = what
 
@@ -101,7 +125,7 @@ class _Fields:
                 return None
             raise self.refuse(name, "required" if name not in self.raw else "must not be null")
         if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
-            raise self.refuse(name, f"expected {_KINDS[kind]}, got {_kind(value)}")
+            raise self.refuse(name, f"expected {_KINDS[kind]}, got {json_kind(value)}")
         return value
 
     def text(self, name: str, *, min_len: int = 0, max_len: int | None = None) -> str:
@@ -134,20 +158,14 @@ class _Fields:
         return value
 
 
-_KINDS = {str: "a string", dict: "an object", bool: "true or false", int: "an integer"}
-_JSON_KINDS = {
+_KINDS = {
+    str: "a string",
     dict: "an object",
     list: "an array",
-    str: "a string",
-    bool: "a boolean",
-    int: "a number",
-    float: "a number",
+    bool: "true or false",
+    int: "an integer",
 }
-
-
-def _kind(value: Any) -> str:
-    """What a parsed JSON value is, in words."""
-    return "null" if value is None else _JSON_KINDS.get(type(value), type(value).__name__)
+INFER_REQUEST = "inference request"  # what the refusals of an inference request start with
 
 
 def _load(data: bytes, *, what: str, max_depth: int | None) -> _Fields:
@@ -175,24 +193,49 @@ def parse_command(data: bytes) -> Command:
 
 
 def parse_infer_request(data: bytes) -> InferRequest:
-    """Parse an ``infer/request`` payload.
+    """Parse an ``infer/request`` payload, JSON or binary (:mod:`shared.tensors`).
 
     The tensors' nesting is bounded by the parser's recursion limit and by numpy's maximum rank
     (as :func:`shared.protocol.parse_payload` with ``tensors=True``), not by a walk over every
     element.
 
     Raises:
+        InferRequestError: a binary request whose header is valid but whose tensors are not
+            (or which is over the payload limit): it can still be answered.
         ProtocolError: oversized, invalid JSON, or a field of the wrong type, length or value.
     """
-    fields = _load(data, what="inference request", max_depth=None)
+    if is_tensor_message(data):
+        return _parse_binary_infer_request(data)
+    fields = _load(data, what=INFER_REQUEST, max_depth=None)
     inputs = fields.get("inputs", dict)
     assert inputs is not None
+    return _infer_request(fields, inputs)
+
+
+def _infer_request(
+    fields: _Fields, inputs: dict[str, Any], *, binary: bool = False
+) -> InferRequest:
     return InferRequest(
         correlation_id=fields.text("correlation_id", min_len=1, max_len=128),
         model=fields.text("model"),
         inputs=inputs,
         reply_to=fields.optional_text("reply_to", max_len=256),
+        binary=binary,
     )
+
+
+def _parse_binary_infer_request(data: bytes) -> InferRequest:
+    """The header's fields as a JSON request's, then the tensors it describes."""
+    message = read_tensor_message(data, what=INFER_REQUEST)
+    fields = _Fields(message.header, INFER_REQUEST)
+    request = _infer_request(fields, {}, binary=True)
+    try:  # from here on, every refusal can be answered
+        fields.get("inputs", list)
+        inputs = message.tensors("inputs")
+    except ProtocolError as e:
+        raise InferRequestError(str(e), request) from e
+    assert inputs is not None
+    return replace(request, inputs=inputs)
 
 
 # -- writing -------------------------------------------------------------------------------------
@@ -339,15 +382,29 @@ def encode_infer_response(
     error: str | None = None,
     version: str | None = None,
     latency_ms: float | None = None,
+    binary: bool = False,
 ) -> bytes:
-    """``infer/response/<app>``: the outputs as nested lists, or the error (None left out)."""
-    payload: dict[str, Any] = {
+    """``infer/response/<app>``: the outputs, or the error (None left out).
+
+    JSON writes the outputs (numpy arrays or nested lists) as nested lists; ``binary`` writes
+    them as raw tensors (:mod:`shared.tensors`) behind a JSON header of the other fields.
+
+    Raises:
+        ValueError: (binary) an output of a dtype that cannot travel as bytes, or an answer over
+            the payload limit.
+    """
+    if not binary and outputs is not None:
+        outputs = {k: v.tolist() if isinstance(v, np.ndarray) else v for k, v in outputs.items()}
+    fields: dict[str, Any] = {
         "correlation_id": correlation_id,
         "model": model,
         "ok": ok,
-        "outputs": outputs,
+        "outputs": None if binary else outputs,
         "error": error,
         "version": version,
         "latency_ms": latency_ms,
     }
-    return _dumps({k: v for k, v in payload.items() if v is not None})
+    fields = {k: v for k, v in fields.items() if v is not None}
+    if binary:
+        return encode_tensor_message(fields, "outputs", outputs)
+    return _dumps(fields)

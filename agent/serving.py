@@ -8,8 +8,9 @@ child process (:mod:`agent.isolation`), only the child imports it.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from agent.config import AgentSettings
 from agent.installed import MANIFEST_NAME, InstalledManifest
@@ -47,6 +48,42 @@ class ActiveModel:
     version: str
     manifest: Manifest | InstalledManifest
     runner: ModelRunner
+
+    def check_inputs(self, inputs: Mapping[str, Any], *, exact: bool) -> None:
+        """Refuse inputs the model does not take, before they reach the runtime.
+
+        Names the model does not have are always refused. With ``exact`` (arrays used as they
+        arrived, from a binary request), so are missing inputs and any dtype or shape other
+        than the manifest declares (``-1``: any size). A runtime's failure would otherwise make
+        the runner drop that runtime and fall back to another (:meth:`ModelRunner.infer`).
+
+        Raises:
+            EdgefleetError: what the model takes, and what arrived.
+        """
+        specs = {t.name: t for t in self.manifest.inputs}
+        takes = f"the model takes {sorted(specs)}"
+        unknown = sorted(set(inputs) - set(specs))
+        if unknown:
+            raise EdgefleetError(f"unknown inputs {unknown}; {takes}")
+        if not exact:
+            return
+        missing = sorted(set(specs) - set(inputs))
+        if missing:
+            raise EdgefleetError(f"missing inputs {missing}; {takes}")
+        for name, array in inputs.items():
+            spec = specs[name]
+            if array.dtype.name != spec.dtype:
+                raise EdgefleetError(
+                    f"input {name!r}: expected dtype {spec.dtype} (the model's), "
+                    f"got {array.dtype.name}"
+                )
+            shape = list(array.shape)
+            if len(shape) != len(spec.shape) or any(
+                want not in (-1, got) for want, got in zip(spec.shape, shape, strict=False)
+            ):
+                raise EdgefleetError(
+                    f"input {name!r}: expected shape {list(spec.shape)} (-1: any size), got {shape}"
+                )
 
 
 @dataclass(frozen=True)

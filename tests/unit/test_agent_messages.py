@@ -1,7 +1,8 @@
 """The daemon's pydantic-free messages (agent.messages) against the protocol's models.
 
 Every payload below is accepted by both agent.messages and shared.protocol.parse_payload with the
-same values, or refused by both; what the agent writes parses into the fleet's models.
+same values, or refused by both; what the agent writes parses into the fleet's models. Inference
+requests and answers are held to this in both encodings, JSON and binary (shared.tensors).
 """
 
 from __future__ import annotations
@@ -11,11 +12,14 @@ import math
 from datetime import UTC, datetime
 from typing import get_args
 
+import numpy as np
 import pytest
 
 from agent import messages
 from shared import protocol
+from shared.frames import TENSOR_MAGIC, pack_frame
 from shared.protocol import ProtocolError, parse_payload
+from shared.tensors import encode_tensor_message
 
 NOW = "2026-11-21T10:00:00Z"
 COMMAND = {"id": "c1", "type": "deploy", "issued_at": NOW, "order": "{}", "model": "cnn"}
@@ -97,12 +101,29 @@ def test_command_time_must_be_text():
         messages.parse_command(json.dumps({**COMMAND, "issued_at": 1_790_000_000}).encode())
 
 
+def binary(fields, inputs=None, **options):
+    """A binary inference request: ``fields`` in the header, ``inputs`` as raw tensors."""
+    return encode_tensor_message(fields, "inputs", inputs, **options)
+
+
+def binary_header(header):
+    """A binary inference request of this header alone, written by hand."""
+    return pack_frame(TENSOR_MAGIC, json.dumps(header).encode())
+
+
+X = np.array([[1.0, 2.0]], dtype=np.float32)
+IDENTITY = {"correlation_id": "r1", "model": "cnn", "reply_to": "app"}
+
 REQUESTS_ACCEPTED = [
     REQUEST,
     {"correlation_id": "r", "model": "", "inputs": {}},
     {"correlation_id": "r" * 128, "model": "cnn", "inputs": {"x": 1}, "reply_to": "a" * 256},
     {**REQUEST, "inputs": {"x": nested(40)}},  # tensors: no walk over the nesting
     {**REQUEST, "reply_to": None, "extra": {"ignored": True}},
+    binary(IDENTITY, {"x": X}),
+    binary({"correlation_id": "r", "model": ""}, {}),
+    binary({**IDENTITY, "correlation_id": "r" * 128, "reply_to": "a" * 256}, {"x": X, "y": X}),
+    binary({**IDENTITY, "reply_to": None, "extra": {"ignored": [1]}}, {"x": np.int8(3)}),
 ]
 REQUESTS_REFUSED = [
     b"[1, 2]",
@@ -118,6 +139,20 @@ REQUESTS_REFUSED = [
     {**REQUEST, "reply_to": "a" * 257},
     {**REQUEST, "reply_to": 5},
     {**REQUEST, "inputs": {"x": [0.0] * 60_000}},  # over the payload limit
+    b"EFT1",
+    b"EFT1\x00\x00\x00\x02[]",
+    binary({"model": "cnn"}, {"x": X}),
+    binary({**IDENTITY, "correlation_id": ""}, {"x": X}),
+    binary({**IDENTITY, "correlation_id": "r" * 129}, {"x": X}),
+    binary({**IDENTITY, "model": 3}, {"x": X}),
+    binary({**IDENTITY, "reply_to": "a" * 257}, {"x": X}),
+    binary(IDENTITY),  # no inputs
+    binary_header({**IDENTITY, "inputs": None}),
+    binary_header({**IDENTITY, "inputs": {}}),
+    binary(IDENTITY, {"x": X})[:-1],  # truncated
+    binary(IDENTITY, {"x": X}) + b"\0",  # trailing bytes
+    binary(IDENTITY, {"x": X}).replace(b'"float32"', b'"float99"'),
+    binary(IDENTITY, {"x": np.zeros(65_536, np.float32)}, max_bytes=1 << 20),  # over the limit
 ]
 
 
@@ -142,7 +177,15 @@ def test_accepted_alike(what, payload):
     ours, theirs = both(parse, model, payload, what=what, tensors=tensors)
     assert isinstance(ours, ours_type), ours
     assert isinstance(theirs, model), theirs
-    assert ours.__dict__ == theirs.model_dump()
+    values = {k: v for k, v in ours.__dict__.items() if k != "binary"}
+    expected = theirs.model_dump()
+    if getattr(ours, "binary", False):  # arrays: compared one by one, as arrays
+        assert values.pop("inputs").keys() == expected["inputs"].keys()
+        for name, array in ours.inputs.items():
+            assert array.dtype == expected["inputs"][name].dtype
+            np.testing.assert_array_equal(array, expected["inputs"][name])
+        del expected["inputs"]
+    assert values == expected
 
 
 @pytest.mark.parametrize(
@@ -156,6 +199,57 @@ def test_refused_alike(what, payload):
     assert isinstance(theirs, ProtocolError), theirs
     assert isinstance(ours, ProtocolError), ours
     assert str(ours).startswith(what)
+
+
+def test_a_binary_request_records_its_encoding_and_keeps_its_arrays():
+    request = messages.parse_infer_request(binary(IDENTITY, {"x": X}))
+    assert request.binary
+    assert not request.inputs["x"].flags.writeable  # a view of the payload
+    np.testing.assert_array_equal(request.inputs["x"], X)
+    assert not messages.parse_infer_request(json.dumps(REQUEST).encode()).binary
+
+
+@pytest.mark.parametrize(
+    ("payload", "message"),
+    [
+        (binary(IDENTITY), r"^inference request: inputs: required$"),
+        (
+            binary_header({**IDENTITY, "inputs": {}}),
+            r"^inference request: inputs: expected an array",
+        ),
+        (
+            binary_header({**IDENTITY, "inputs": None}),
+            r"^inference request: inputs: must not be null",
+        ),
+        (binary(IDENTITY, {"x": X})[:-2], r"'x': truncated: expected 8 bytes at offset 0"),
+        (binary(IDENTITY, {"x": X}) + b"!", r"1 bytes after the last tensor"),
+        (
+            binary(IDENTITY, {"x": np.zeros(65_536, np.float32)}, max_bytes=1 << 20),
+            r"^inference request: 262\d+ bytes exceeds the limit of 262144 bytes$",
+        ),
+    ],
+)
+def test_a_binary_request_with_bad_tensors_can_still_be_answered(payload, message):
+    """The header names who to answer: the refusal carries it, for the error response."""
+    with pytest.raises(messages.InferRequestError, match=message) as refused:
+        messages.parse_infer_request(payload)
+    assert refused.value.request == messages.InferRequest(
+        correlation_id="r1", model="cnn", inputs={}, reply_to="app", binary=True
+    )
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        binary({"model": "cnn"}, {"x": X}),  # no correlation id: nobody to answer
+        binary({**IDENTITY, "reply_to": 5}, {"x": X}),
+        b"EFT1\x00\x00\x00\x05{oops",
+    ],
+)
+def test_a_binary_request_without_a_valid_identity_cannot_be_answered(payload):
+    with pytest.raises(ProtocolError) as refused:
+        messages.parse_infer_request(payload)
+    assert not isinstance(refused.value, messages.InferRequestError)
 
 
 def test_vocabularies_match_the_protocol():
@@ -302,3 +396,37 @@ def test_inference_answers_parse_as_the_client_reads_them():
         expected = protocol.InferResponse(correlation_id="r1", model="cnn", **fields)
         assert parsed(protocol.InferResponse, data) == expected
         assert data == expected.model_dump_json(exclude_none=True).encode()
+
+
+def test_binary_answers_parse_as_the_client_reads_them():
+    outputs = {"y": np.array([[0.5, np.nan]], np.float32), "k": np.array([3], np.int64)}
+    data = messages.encode_infer_response(
+        correlation_id="r1",
+        model="cnn",
+        ok=True,
+        outputs=outputs,
+        version="1",
+        latency_ms=0.031,
+        binary=True,
+    )
+    answer = parsed(protocol.InferResponse, data)
+    assert (answer.correlation_id, answer.ok, answer.version) == ("r1", True, "1")
+    for name, array in outputs.items():
+        assert answer.outputs[name].dtype == array.dtype
+        np.testing.assert_array_equal(answer.outputs[name], array)
+    error = messages.encode_infer_response(
+        correlation_id="r1", model="cnn", ok=False, error="unknown inputs ['z']", binary=True
+    )
+    assert error.startswith(b"EFT1")
+    assert parsed(protocol.InferResponse, error) == protocol.InferResponse(
+        correlation_id="r1", model="cnn", ok=False, error="unknown inputs ['z']"
+    )
+
+
+def test_json_answers_take_arrays_and_write_them_as_lists():
+    array = np.array([[0.5, 0.25]], np.float32)
+    assert messages.encode_infer_response(
+        correlation_id="r1", model="cnn", ok=True, outputs={"y": array}
+    ) == messages.encode_infer_response(
+        correlation_id="r1", model="cnn", ok=True, outputs={"y": array.tolist()}
+    )
