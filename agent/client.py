@@ -7,6 +7,12 @@ In the agent's own process, call :meth:`agent.daemon.Agent.infer`. From another 
     client = InferenceClient(MqttSettings(url="mqtt://127.0.0.1:1883", client_id="app-viewer"),
                              device_id="dev-001", app_id="app-viewer")
     version, outputs = client.infer("cnn", {"input": x})
+
+Tensors travel as raw bytes by default (the binary encoding, :mod:`shared.tensors`): send arrays
+of the dtypes and shapes the model declares, which the agent uses as they arrive and checks
+exactly. ``encoding="json"`` sends nested lists instead, the form that simple apps and
+``mosquitto_pub`` use, which the agent converts to the model's dtypes (slower: decimal text to
+build and to parse).
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import queue
 import time
 import uuid
 from collections.abc import Mapping
+from typing import Literal
 
 import numpy as np
 
@@ -29,8 +36,11 @@ from shared.protocol import (
     device_topic,
     parse_payload,
 )
+from shared.tensors import encode_tensor_message
 
-__all__ = ["InferenceClient", "InferenceError"]
+__all__ = ["Encoding", "InferenceClient", "InferenceError"]
+
+Encoding = Literal["binary", "json"]
 
 
 class InferenceError(EdgefleetError):
@@ -40,14 +50,27 @@ class InferenceError(EdgefleetError):
 
 
 class InferenceClient:
-    """Request inference from a device's agent over MQTT. One request at a time per client."""
+    """Request inference from a device's agent over MQTT. One request at a time per client.
+
+    ``encoding`` is how requests carry their tensors (``binary`` raw bytes, or ``json`` nested
+    lists); the agent answers in the same encoding.
+    """
 
     def __init__(
-        self, settings: MqttSettings, *, device_id: str, app_id: str, timeout_s: float = 10.0
+        self,
+        settings: MqttSettings,
+        *,
+        device_id: str,
+        app_id: str,
+        timeout_s: float = 10.0,
+        encoding: Encoding = "binary",
     ) -> None:
+        if encoding not in ("binary", "json"):
+            raise ValueError(f"encoding must be 'binary' or 'json', got {encoding!r}")
         self.device_id = device_id
         self.app_id = app_id
         self.timeout_s = timeout_s
+        self.encoding = encoding
         self._responses = device_topic(device_id, f"{INFER_RESPONSE}/{app_id}")
         self._link = MqttLink(settings, subscriptions=[(self._responses, 1)])
         self._link.start()
@@ -60,18 +83,16 @@ class InferenceClient:
     ) -> tuple[str, dict[str, np.ndarray]]:
         """Run ``model`` on ``inputs`` (one input or a batch); return (version, outputs).
 
+        Outputs are arrays of the dtypes the model produced (binary), or float32 (JSON).
+
         Raises:
             InferenceError: the agent refused (the message says why) or timed out.
+            ValueError: (binary) an input of a dtype that cannot travel as bytes, or a request
+                over the payload limit.
         """
         correlation = uuid.uuid4().hex
-        request = InferRequest(
-            correlation_id=correlation,
-            model=model,
-            reply_to=self.app_id,
-            inputs={k: np.asarray(v).tolist() for k, v in inputs.items()},
-        )
         topic = device_topic(self.device_id, INFER_REQUEST)
-        if not self._link.publish(topic, request.model_dump_json().encode()):
+        if not self._link.publish(topic, self._request(correlation, model, inputs)):
             raise InferenceError("not connected to the broker")
         deadline = time.monotonic() + self.timeout_s
         while (left := deadline - time.monotonic()) > 0:
@@ -90,12 +111,29 @@ class InferenceClient:
             if not response.ok:
                 raise InferenceError(f"{model}: {response.error}")
             outputs = {
-                k: np.asarray(v, dtype=np.float32) for k, v in (response.outputs or {}).items()
+                k: v if isinstance(v, np.ndarray) else np.asarray(v, dtype=np.float32)
+                for k, v in (response.outputs or {}).items()
             }
             return response.version or "?", outputs
         raise InferenceError(
             f"{model}: no answer from {self.device_id} within {self.timeout_s:g} s"
         )
+
+    def _request(self, correlation: str, model: str, inputs: Mapping[str, np.ndarray]) -> bytes:
+        """The ``infer/request`` payload in this client's encoding."""
+        if self.encoding == "binary":
+            request = InferRequest(
+                correlation_id=correlation, model=model, reply_to=self.app_id, inputs=dict(inputs)
+            )
+            fields = request.model_dump(exclude={"inputs"}, exclude_none=True)
+            return encode_tensor_message(fields, "inputs", request.inputs)
+        request = InferRequest(
+            correlation_id=correlation,
+            model=model,
+            reply_to=self.app_id,
+            inputs={k: np.asarray(v).tolist() for k, v in inputs.items()},
+        )
+        return request.model_dump_json().encode()
 
     def close(self) -> None:
         self._link.stop()

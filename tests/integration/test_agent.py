@@ -22,7 +22,8 @@ import pytest
 from shared.bundle import build_bundle, inspect_bundle, write_signed_copy
 from shared.example_models import write_example
 from shared.keystore import KeyStore
-from shared.protocol import INFER_REQUEST, InferRequest, device_topic
+from shared.protocol import INFER_REQUEST, InferRequest, InferResponse, device_topic, parse_payload
+from shared.tensors import encode_tensor_message
 from shared.trust import sign_release
 from tests.integration.fleet_harness import FleetHarness
 
@@ -155,6 +156,26 @@ def infer(broker, app_client, x: np.ndarray, *, model: str = "cnn") -> dict:
         if body.get("correlation_id") == correlation:
             return body
     raise AssertionError("no inference response")
+
+
+def exchange(app_client, payload: bytes, correlation: str, *, timeout: float = 30) -> InferResponse:
+    """Publish an inference request as it is; return the answer with ``correlation``, parsed as
+    the Python client parses it (either encoding)."""
+    app_client.publish(device_topic(DEVICE, INFER_REQUEST), payload, qos=1)
+    deadline = time.monotonic() + timeout
+    while (left := deadline - time.monotonic()) > 0:
+        message = app_client.expect_message(timeout=left)
+        answer = parse_payload(InferResponse, message.payload, what="inference response")
+        if answer.correlation_id == correlation:
+            return answer
+    raise AssertionError(f"no inference response to {correlation}")
+
+
+def infer_binary(app_client, inputs: dict[str, np.ndarray], *, model: str = "cnn") -> InferResponse:
+    """As :func:`infer`, in the binary encoding (raw tensors behind a JSON header)."""
+    correlation = uuid.uuid4().hex
+    fields = {"correlation_id": correlation, "model": model, "reply_to": "app-viewer"}
+    return exchange(app_client, encode_tensor_message(fields, "inputs", inputs), correlation)
 
 
 def test_deploy_update_and_serve_over_mqtt(broker, fleet, agent, releases):

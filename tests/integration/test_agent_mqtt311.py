@@ -1,6 +1,8 @@
 """The agent over MQTT 3.1.1 (``mqtt_protocol = 311``), end to end: a real agent process started
 as the systemd unit starts it (``python -m agent run``), a real Mosquitto (mutual TLS, ACLs), a
-signed deployment and an inference over MQTT. The other agent tests use MQTT 5, the default.
+signed deployment and inferences over MQTT in both encodings (binary messages describe
+themselves: MQTT 3.1.1 has no content type or user properties). The other agent tests use MQTT
+5, the default.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import subprocess
 import sys
 
 import numpy as np
+import paho.mqtt.client as mqtt
 import pytest
 
 from shared.protocol import device_topic
@@ -17,6 +20,7 @@ from tests.integration.test_agent import (  # noqa: F401 - fixtures
     DEVICE,
     fleet,
     infer,
+    infer_binary,
     releases,
     start_agent,
     status,
@@ -54,6 +58,14 @@ def test_deploy_and_serve_over_mqtt_311(broker, fleet, releases, tmp_path):  # n
         assert answer["ok"], answer
         assert answer["version"] == "1.0.0"
         assert np.abs(np.array(answer["outputs"]["output"]) - golden[:1]).max() <= 1e-4
+
+        app.close()  # the same identity again, over MQTT 3.1.1 this time
+        app311 = broker.client("app-viewer", protocol=mqtt.MQTTv311)
+        app311.subscribe_and_wait(device_topic(DEVICE, "infer/response/app-viewer"))
+        binary = infer_binary(app311, {"input": x[:1]})
+        assert binary.ok, binary.error
+        assert binary.outputs["output"].dtype == np.float32
+        assert np.abs(binary.outputs["output"] - golden[:1]).max() <= 1e-4
     finally:
         proc.terminate()
         try:
