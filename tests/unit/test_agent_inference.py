@@ -21,6 +21,7 @@ from agent.installed import InstalledManifest, InstalledTensor
 from agent.platform import DevicePlatform
 from agent.runtimes.inventory import scan
 from agent.serving import ActiveModel
+from shared.frames import TENSOR_MAGIC, pack_frame
 from shared.mqtt import Message
 from shared.protocol import InferResponse, device_topic, parse_payload
 from shared.tensors import MAX_PAYLOAD, encode_tensor_message
@@ -179,6 +180,7 @@ def test_any_batch_size_is_taken_where_the_model_declares_minus_one(agent):
 
 # Hostile payloads whose header names who to answer get a binary error response each.
 GOOD = binary({"input": X})
+NEGATIVE = {"name": "input", "dtype": "float32", "shape": [-2, 4, 4, 3], "nbytes": 384}
 HOSTILE = {
     "truncated": (GOOD[:-5], "'input': truncated: expected 384 bytes at offset 0"),
     "trailing bytes": (GOOD + b"\0" * 8, "8 bytes after the last tensor"),
@@ -191,7 +193,9 @@ HOSTILE = {
         "shape [2, 4, 4, 4] of float32 is 512 bytes, but nbytes is 384",
     ),
     "negative dimension": (
-        GOOD.replace(b'"shape":[2,4,4,3]', b'"shape":[-2,4,4,3]'),
+        pack_frame(
+            TENSOR_MAGIC, json.dumps(IDENTITY | {"inputs": [NEGATIVE]}).encode(), X.tobytes()
+        ),
         "inputs[0].shape[0]: expected an integer from 0 to 262144, got -2",
     ),
     "over the payload limit": (
