@@ -38,7 +38,7 @@ from shared.protocol import (
 )
 from shared.tensors import encode_tensor_message
 
-__all__ = ["Encoding", "InferenceClient", "InferenceError"]
+__all__ = ["Encoding", "InferenceClient", "InferenceError", "encode_request", "response_outputs"]
 
 Encoding = Literal["binary", "json"]
 
@@ -92,7 +92,14 @@ class InferenceClient:
         """
         correlation = uuid.uuid4().hex
         topic = device_topic(self.device_id, INFER_REQUEST)
-        if not self._link.publish(topic, self._request(correlation, model, inputs)):
+        payload = encode_request(
+            correlation_id=correlation,
+            model=model,
+            reply_to=self.app_id,
+            inputs=inputs,
+            encoding=self.encoding,
+        )
+        if not self._link.publish(topic, payload):
             raise InferenceError("not connected to the broker")
         deadline = time.monotonic() + self.timeout_s
         while (left := deadline - time.monotonic()) > 0:
@@ -110,30 +117,45 @@ class InferenceClient:
                 continue  # a late answer to an earlier request
             if not response.ok:
                 raise InferenceError(f"{model}: {response.error}")
-            outputs = {
-                k: v if isinstance(v, np.ndarray) else np.asarray(v, dtype=np.float32)
-                for k, v in (response.outputs or {}).items()
-            }
-            return response.version or "?", outputs
+            return response.version or "?", response_outputs(response)
         raise InferenceError(
             f"{model}: no answer from {self.device_id} within {self.timeout_s:g} s"
         )
 
-    def _request(self, correlation: str, model: str, inputs: Mapping[str, np.ndarray]) -> bytes:
-        """The ``infer/request`` payload in this client's encoding."""
-        if self.encoding == "binary":
-            request = InferRequest(
-                correlation_id=correlation, model=model, reply_to=self.app_id, inputs=dict(inputs)
-            )
-            fields = request.model_dump(exclude={"inputs"}, exclude_none=True)
-            return encode_tensor_message(fields, "inputs", request.inputs)
-        request = InferRequest(
-            correlation_id=correlation,
-            model=model,
-            reply_to=self.app_id,
-            inputs={k: np.asarray(v).tolist() for k, v in inputs.items()},
-        )
-        return request.model_dump_json().encode()
-
     def close(self) -> None:
         self._link.stop()
+
+
+def encode_request(
+    *,
+    correlation_id: str,
+    model: str,
+    reply_to: str,
+    inputs: Mapping[str, np.ndarray],
+    encoding: Encoding = "binary",
+) -> bytes:
+    """An ``infer/request`` payload: raw tensors behind a JSON header, or JSON nested lists.
+
+    The fields are checked by the protocol's model (:class:`shared.protocol.InferRequest`).
+    """
+    if encoding == "binary":
+        request = InferRequest(
+            correlation_id=correlation_id, model=model, reply_to=reply_to, inputs=dict(inputs)
+        )
+        fields = request.model_dump(exclude={"inputs"}, exclude_none=True)
+        return encode_tensor_message(fields, "inputs", request.inputs)
+    request = InferRequest(
+        correlation_id=correlation_id,
+        model=model,
+        reply_to=reply_to,
+        inputs={k: np.asarray(v).tolist() for k, v in inputs.items()},
+    )
+    return request.model_dump_json().encode()
+
+
+def response_outputs(response: InferResponse) -> dict[str, np.ndarray]:
+    """A response's outputs as arrays: as sent (binary), or nested lists as float32 (JSON)."""
+    return {
+        k: v if isinstance(v, np.ndarray) else np.asarray(v, dtype=np.float32)
+        for k, v in (response.outputs or {}).items()
+    }

@@ -589,15 +589,7 @@ class Agent:
             active = self.models.get(request.model)
             if active is None:
                 raise EdgefleetError(f"no model {request.model!r} is active on this device")
-            active.check_inputs(request.inputs, exact=request.binary)
-            if request.binary:  # arrays of the model's dtypes and shapes, used as they arrived
-                feeds = request.inputs
-            else:
-                specs = {t.name: t for t in active.manifest.inputs}
-                feeds = {
-                    name: np.asarray(value, dtype=specs[name].dtype)
-                    for name, value in request.inputs.items()
-                }
+            feeds = active.feeds(request.inputs, binary=request.binary)
             version, outputs = self.infer(request.model, feeds)
             response = encode_infer_response(
                 correlation_id=request.correlation_id,

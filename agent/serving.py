@@ -12,6 +12,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from agent.config import AgentSettings
 from agent.installed import MANIFEST_NAME, InstalledManifest
 from agent.platform import DevicePlatform
@@ -49,13 +51,14 @@ class ActiveModel:
     manifest: Manifest | InstalledManifest
     runner: ModelRunner
 
-    def check_inputs(self, inputs: Mapping[str, Any], *, exact: bool) -> None:
-        """Refuse inputs the model does not take, before they reach the runtime.
+    def feeds(self, inputs: Mapping[str, Any], *, binary: bool) -> dict[str, np.ndarray]:
+        """The runtime's feeds for a request's inputs, refusing what the model does not take.
 
-        Names the model does not have are always refused. With ``exact`` (arrays used as they
-        arrived, from a binary request), so are missing inputs and any dtype or shape other
-        than the manifest declares (``-1``: any size). A runtime's failure would otherwise make
-        the runner drop that runtime and fall back to another (:meth:`ModelRunner.infer`).
+        Names the model does not have are always refused. A JSON request's nested lists are
+        converted to the model's dtypes. A binary request's arrays are used as they arrived, so
+        they must be exactly what the manifest declares: every input, its dtype and its shape
+        (``-1``: any size). They are refused before the runtime sees them: a runtime's failure
+        makes the runner drop that runtime and fall back to another (:meth:`ModelRunner.infer`).
 
         Raises:
             EdgefleetError: what the model takes, and what arrived.
@@ -65,8 +68,10 @@ class ActiveModel:
         unknown = sorted(set(inputs) - set(specs))
         if unknown:
             raise EdgefleetError(f"unknown inputs {unknown}; {takes}")
-        if not exact:
-            return
+        if not binary:
+            return {
+                name: np.asarray(value, dtype=specs[name].dtype) for name, value in inputs.items()
+            }
         missing = sorted(set(specs) - set(inputs))
         if missing:
             raise EdgefleetError(f"missing inputs {missing}; {takes}")
@@ -84,6 +89,7 @@ class ActiveModel:
                 raise EdgefleetError(
                     f"input {name!r}: expected shape {list(spec.shape)} (-1: any size), got {shape}"
                 )
+        return dict(inputs)
 
 
 @dataclass(frozen=True)
