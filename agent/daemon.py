@@ -2,8 +2,9 @@
 
 Threads, and what each may touch:
 
-- paho's network thread (inside :class:`~shared.mqtt.MqttLink`): only enqueues events;
-- the **dispatcher** reads link events and routes them: fetch frames to the fetch client,
+- paho's network thread (inside :class:`~shared.mqtt.MqttLink`): only enqueues events, and the
+  payloads of fetch frames straight onto the in-process fetch client's queue;
+- the **dispatcher** reads link events and routes them: fetch frames to an isolated deployment,
   commands to the worker queue, inference requests to the inference queue; on (re)connect it
   announces presence, reports state and drains the outbox;
 - the **worker** runs one deployment at a time (single flight: queued orders for the same model
@@ -190,6 +191,8 @@ class Agent:
         self.client = FetchClient(
             self.link, self.device_id, timeout_s=self.settings.request_timeout_s
         )
+        # Chunk frames go from paho's thread straight to the deployment's queue.
+        self.link.route(device_topic(self.device_id, DOWN_FETCH), self.client.frames)
         return Deployer(self.settings, self.store, self.client, self.platform, self._emit)
 
     def _set_models(self, models: dict[str, ActiveModel]) -> None:

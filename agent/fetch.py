@@ -1,7 +1,9 @@
 """Request/response over MQTT: ask the fleet for metadata, manifests and chunks.
 
 :class:`FetchClient` publishes :class:`~shared.protocol.FetchRequest` on ``up/fetch`` and
-collects the ``down/fetch`` frames that answer it (routed here by the agent's dispatcher).
+collects the ``down/fetch`` frames that answer it: their payloads arrive on its ``frames`` queue
+(put there by the MQTT link's route, or by the pipe of an isolated deployment) and are decoded
+by the thread that waits for them.
 python-tuf's client fetches its metadata through it (:class:`agent.updater.MqttTufFetcher`),
 so all trust decisions stay in python-tuf while the bytes travel over MQTT. This module does not
 import python-tuf: the idle daemon keeps a :class:`FetchClient` without the trust stack.
@@ -49,7 +51,7 @@ class FetchClient:
         self.link = link
         self.device_id = device_id
         self.timeout_s = timeout_s
-        self.frames: queue.Queue[Frame] = queue.Queue()
+        self.frames: queue.Queue[bytes] = queue.Queue()  # down/fetch payloads, not yet decoded
         self._ids = itertools.count(1)
         self._prefix = f"{int(time.time())}"
 
@@ -57,9 +59,20 @@ class FetchClient:
         return f"{self._prefix}-{next(self._ids)}"
 
     def deliver(self, payload: bytes) -> None:
-        """Take one ``down/fetch`` message from the dispatcher; malformed frames are dropped."""
-        with contextlib.suppress(ProtocolError):
-            self.frames.put(decode_frame(payload))
+        """Take one ``down/fetch`` payload; it is decoded by :meth:`next_frame`."""
+        self.frames.put(payload)
+
+    def next_frame(self, timeout_s: float) -> Frame:
+        """The next well-formed frame; malformed ones are dropped.
+
+        Raises:
+            queue.Empty: none within ``timeout_s``.
+        """
+        deadline = time.monotonic() + timeout_s
+        while True:
+            payload = self.frames.get(timeout=max(deadline - time.monotonic(), 0.0))
+            with contextlib.suppress(ProtocolError):
+                return decode_frame(payload)
 
     def send(self, request: FetchRequest) -> bool:
         topic = device_topic(self.device_id, UP_FETCH)
@@ -85,7 +98,7 @@ class FetchClient:
             deadline = time.monotonic() + self.timeout_s
             while (left := deadline - time.monotonic()) > 0:
                 try:
-                    header, data = self.frames.get(timeout=left)
+                    header, data = self.next_frame(left)
                 except queue.Empty:
                     break
                 if header.request_id != request.request_id:

@@ -406,7 +406,7 @@ class Deployer:
                 pending += transfer.handle(Reconnected(time.monotonic()))
             was_connected = connected
             try:
-                header, data = self.client.frames.get(timeout=0.2)
+                header, data = self.client.next_frame(0.2)
             except queue.Empty:
                 pending += transfer.handle(Tick(time.monotonic()))
                 continue

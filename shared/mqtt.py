@@ -6,7 +6,9 @@ Nothing here decides anything. :class:`MqttLink` connects (TLS or mutual TLS, us
 password, MQTT 3.1.1 or 5), keeps a persistent session, sets a last will, reconnects with
 exponential backoff and full jitter, and puts every happening on one :class:`queue.Queue` as a
 :class:`Connected`, :class:`Disconnected` or :class:`Message` event. The updater reads that queue
-on its own thread; no edgefleet logic ever runs on paho's network thread. paho's own thread
+on its own thread; no edgefleet logic ever runs on paho's network thread. Bulk data can skip that
+queue: :meth:`MqttLink.route` puts the payloads of one topic straight on the queue of the thread
+that consumes them (one hand-off per message instead of two). paho's own thread
 (``loop_start``) does the I/O, which is what makes :meth:`MqttLink.publish` safe from any thread.
 Reconnects use paho's loop with the delay set before each attempt: exponential backoff with full
 jitter, so a fleet does not reconnect in lockstep after a broker restart.
@@ -112,6 +114,7 @@ class MqttLink:
         self.settings = settings
         self.events: queue.Queue[Event] = queue.Queue()
         self.connected = threading.Event()
+        self._routes: dict[str, queue.Queue[bytes]] = {}
         self._subscriptions = list(subscriptions)
         self._log = logger or logging.getLogger(__name__)
         self._rng = random.Random()  # noqa: S311 - jitter, not cryptography
@@ -185,7 +188,16 @@ class MqttLink:
             self._taken_over = True
         self.events.put(Disconnected(reason=str(reason), retry_in_s=0.0))
 
+    def route(self, topic: str, sink: queue.Queue[bytes]) -> None:
+        """Put the payloads of messages on ``topic`` (an exact topic name) on ``sink`` rather
+        than on :attr:`events`, for data that needs nothing else of the message (fetch frames)."""
+        self._routes[topic] = sink
+
     def _on_message(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
+        sink = self._routes.get(msg.topic)
+        if sink is not None:
+            sink.put(bytes(msg.payload))
+            return
         props = getattr(msg, "properties", None)
         self.events.put(
             Message(
