@@ -521,13 +521,7 @@ class SimProcesses:
         return sum(len(os.listdir(f"/proc/{c.pid}/task")) for c in self.children)
 
     def cpu_seconds(self) -> float:
-        ticks = os.sysconf("SC_CLK_TCK")
-        total = 0.0
-        for child in self.children:
-            with open(f"/proc/{child.pid}/stat", encoding="ascii") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-            total += (int(fields[11]) + int(fields[12])) / ticks
-        return total
+        return sum(process_cpu_seconds(child.pid) for child in self.children)
 
     def states(self) -> list[dict[str, Any]]:
         from agent.status import read_status
@@ -575,6 +569,13 @@ def rss_bytes() -> int:
 def cpu_seconds() -> float:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """User + system CPU of another process so far (Linux ``/proc/PID/stat``)."""
+    with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 # -- the benchmark --------------------------------------------------------------------------------
@@ -693,11 +694,15 @@ def run_benchmark(opts: argparse.Namespace, log: Any) -> dict[str, Any]:
                 log(f"  idle: {report['idle']}")
                 log(f"v2, staged {opts.stages}, soak {opts.soak:g} s...")
                 bytes_before, cpu_before = fetched_bytes(client), sim_cpu()
+                fleet_cpu_before = process_cpu_seconds(fleet.pid)
                 report["v2"] = run_rollout(client, V2, stages, opts, log)
                 report["v2"]["fleet_sent_mb"] = round(
                     (fetched_bytes(client) - bytes_before) / MB, 1
                 )
                 report["v2"]["simulation_cpu_s"] = round(sim_cpu() - cpu_before, 1)
+                report["v2"]["fleet_cpu_s"] = round(
+                    process_cpu_seconds(fleet.pid) - fleet_cpu_before, 1
+                )
                 log(f"  v2: {report['v2']['state']} in {report['v2']['seconds']} s")
                 versions = Counter(
                     (s["models"].get(MODEL) or {}).get("version") or "none" for s in sim.states()
@@ -767,7 +772,8 @@ def print_report(report: dict[str, Any]) -> None:
     print(
         f"v2 staged {report['stages']} soak {report['soak_s']:g} s, max in flight "
         f"{report['max_in_flight']}: {v2['state']} in {v2['seconds']} s; fleet sent "
-        f"{v2['fleet_sent_mb']} MB; simulation CPU {v2['simulation_cpu_s']} s"
+        f"{v2['fleet_sent_mb']} MB; simulation CPU {v2['simulation_cpu_s']} s, "
+        f"fleet service CPU {v2['fleet_cpu_s']} s"
     )
     print(f"  {'stage':>6} {'devices':>8} {'started':>8} {'all done':>9} {'passed':>8} {'took':>7}")
     for s in v2["stages"]:
