@@ -54,11 +54,12 @@ class ActiveModel:
     def feeds(self, inputs: Mapping[str, Any], *, binary: bool) -> dict[str, np.ndarray]:
         """The runtime's feeds for a request's inputs, refusing what the model does not take.
 
-        Names the model does not have are always refused. A JSON request's nested lists are
-        converted to the model's dtypes. A binary request's arrays are used as they arrived, so
-        they must be exactly what the manifest declares: every input, its dtype and its shape
-        (``-1``: any size). They are refused before the runtime sees them: a runtime's failure
-        makes the runner drop that runtime and fall back to another (:meth:`ModelRunner.infer`).
+        Every input the manifest declares must arrive, with its shape (``-1``: any size), and
+        nothing else. A JSON request's nested lists are converted to the model's dtypes; a binary
+        request's arrays are used as they arrived, so their dtype must be the model's. All this
+        is checked before the runtime sees the request: a runtime's failure makes the runner drop
+        that runtime and fall back to another (:meth:`ModelRunner.infer`), which bad input from
+        one application must never cause.
 
         Raises:
             EdgefleetError: what the model takes, and what arrived.
@@ -68,20 +69,27 @@ class ActiveModel:
         unknown = sorted(set(inputs) - set(specs))
         if unknown:
             raise EdgefleetError(f"unknown inputs {unknown}; {takes}")
-        if not binary:
-            return {
-                name: np.asarray(value, dtype=specs[name].dtype) for name, value in inputs.items()
-            }
         missing = sorted(set(specs) - set(inputs))
         if missing:
             raise EdgefleetError(f"missing inputs {missing}; {takes}")
-        for name, array in inputs.items():
+        feeds = {}
+        for name, value in inputs.items():
             spec = specs[name]
-            if array.dtype.name != spec.dtype:
-                raise EdgefleetError(
-                    f"input {name!r}: expected dtype {spec.dtype} (the model's), "
-                    f"got {array.dtype.name}"
-                )
+            if binary:
+                array = value
+                if array.dtype.name != spec.dtype:
+                    raise EdgefleetError(
+                        f"input {name!r}: expected dtype {spec.dtype} (the model's), "
+                        f"got {array.dtype.name}"
+                    )
+            else:
+                try:
+                    array = np.asarray(value, dtype=spec.dtype)
+                except (ValueError, TypeError, OverflowError) as e:
+                    raise EdgefleetError(
+                        f"input {name!r}: expected a rectangular array of {spec.dtype} numbers, "
+                        f"got values that do not make one ({str(e).splitlines()[0][:200]})"
+                    ) from None
             shape = list(array.shape)
             if len(shape) != len(spec.shape) or any(
                 want not in (-1, got) for want, got in zip(spec.shape, shape, strict=False)
@@ -89,7 +97,8 @@ class ActiveModel:
                 raise EdgefleetError(
                     f"input {name!r}: expected shape {list(spec.shape)} (-1: any size), got {shape}"
                 )
-        return dict(inputs)
+            feeds[name] = array
+        return feeds
 
 
 @dataclass(frozen=True)

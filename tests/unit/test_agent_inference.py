@@ -171,6 +171,41 @@ def test_binary_inputs_must_be_what_the_model_declares(agent, case):
     assert runner(agent).feeds == []  # the runtime never saw it (it would drop the runtime)
 
 
+# A JSON request the model does not take is refused before the runtime too.
+JSON_MISMATCHES = {
+    "a name the model does not have": (
+        {"image": X.tolist()},
+        "unknown inputs ['image']; the model takes ['input']",
+    ),
+    "no inputs": ({}, "missing inputs ['input']; the model takes ['input']"),
+    "one sample without its batch axis": (
+        {"input": X[0].tolist()},
+        "input 'input': expected shape [-1, 4, 4, 3] (-1: any size), got [4, 4, 3]",
+    ),
+    "ragged lists": (
+        {"input": [[1.0, 2.0], [3.0]]},
+        "input 'input': expected a rectangular array of float32 numbers, got values that do "
+        "not make one",
+    ),
+    "text instead of numbers": (
+        {"input": [["a", "b"]]},
+        "input 'input': expected a rectangular array of float32 numbers, got values that do "
+        "not make one",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(JSON_MISMATCHES))
+def test_json_inputs_the_model_does_not_take_never_reach_the_runtime(agent, case):
+    inputs, error = JSON_MISMATCHES[case]
+    data, response = answer(agent, json.dumps({**IDENTITY, "inputs": inputs}).encode())
+    assert data.startswith(b"{")
+    assert not response.ok
+    assert response.error is not None
+    assert response.error.startswith(error)
+    assert runner(agent).feeds == []  # the runtime never saw it (it would drop the runtime)
+
+
 def test_any_batch_size_is_taken_where_the_model_declares_minus_one(agent):
     for batch in (1, 5):
         x = np.ones((batch, 4, 4, 3), np.float32)
