@@ -12,6 +12,7 @@ condition reported in :class:`RuntimeStatus`, not an error.
 
 from __future__ import annotations
 
+import functools
 import importlib.metadata
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
@@ -197,6 +198,20 @@ class LoadedModel(Protocol):
         ...
 
 
+@functools.cache
+def _distribution_version(dist: str) -> str | None:
+    """An installed distribution's version, or None; read once per process.
+
+    Reading it scans every directory on ``sys.path`` (milliseconds), and it is asked at each
+    deployment and start. A runtime upgraded on the device takes effect at the agent's next
+    start, as does the runtime library the process has already imported.
+    """
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
 class Backend(ABC):
     """A runtime library behind edgefleet's interface. Subclasses live one per module."""
 
@@ -208,10 +223,9 @@ class Backend(ABC):
     def installed_version(self) -> str | None:
         """``dist==version`` of the installed distribution, read without importing it."""
         for dist in self.distributions:
-            try:
-                return f"{dist}=={importlib.metadata.version(dist)}"
-            except importlib.metadata.PackageNotFoundError:
-                continue
+            version = _distribution_version(dist)
+            if version is not None:
+                return f"{dist}=={version}"
         return None
 
     @abstractmethod
