@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from agent.config import AgentSettings
-from agent.health import HealthSampler
+from agent.health import Health, HealthSampler
 from agent.isolation import IsolatedDeployer
 from agent.messages import (
     Command,
@@ -124,7 +124,7 @@ class Agent:
             logger.warning("%s: recovered after an interrupted run: %s", self.device_id, note)
         self.platform = platform or DevicePlatform.detect()
         self.inventory = self.platform.inventory
-        self.health = HealthSampler(settings.data_dir, self.platform.health_root)
+        self.health = self._make_health(settings)
         self.outbox = Outbox(settings.data_dir / "outbox", max_records=settings.outbox_max_records)
         self.link = self._make_link(settings)
         self.client: FetchClient | None = None  # deployments on the worker thread only
@@ -150,6 +150,9 @@ class Agent:
                 }
             ).encode(),
         )
+
+    def _make_health(self, settings: AgentSettings) -> Health:
+        return HealthSampler(settings.data_dir, self.platform.health_root)
 
     def _make_link(self, settings: AgentSettings) -> MqttLink:
         """The device's MQTT connection (simulators override this to inject network faults)."""

@@ -8,8 +8,15 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Protocol
 
-__all__ = ["HealthSampler"]
+__all__ = ["Health", "HealthSampler"]
+
+
+class Health(Protocol):
+    """What the agent reports health from: :class:`HealthSampler`, or a simulation's stand-in."""
+
+    def sample(self) -> dict[str, float]: ...
 
 
 def _cpu_times(root: Path) -> tuple[int, int] | None:

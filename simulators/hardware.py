@@ -27,6 +27,7 @@ profiles and faults they refer to are registered in this process with :func:`reg
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import threading
 import time
@@ -365,6 +366,12 @@ class SimulatedBackend(Backend):
 def _manifest(model_root: Path) -> Manifest | None:
     """The installed version's manifest (trials and serving both load from a version dir)."""
     try:
-        return parse_manifest((model_root / MANIFEST_NAME).read_bytes())
+        return _parse_manifest((model_root / MANIFEST_NAME).read_bytes())
     except (OSError, EdgefleetError):
         return None
+
+
+@functools.lru_cache(maxsize=64)
+def _parse_manifest(data: bytes) -> Manifest:
+    """Parsed once per process for all the devices that installed the same version (frozen)."""
+    return parse_manifest(data)

@@ -16,6 +16,9 @@ simulated is listed in :mod:`simulators.hardware` (the hardware) and here (the f
 
 A small pool of "application" threads asks every running device for an inference now and then,
 through the agent's Python API, so that the fleet receives real latency and error telemetry.
+
+The devices of one process share one machine, so they share its health readings too
+(:class:`SharedHealth`: one reading of ``/proc`` per second, not one per device and report).
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ import paho.mqtt.client as paho
 import agent.store
 from agent.config import AgentSettings
 from agent.daemon import Agent
+from agent.health import HealthSampler
 from agent.status import read_status
 from agent.store import FAULT_POINTS
 from shared.durations import parse_duration
@@ -192,12 +196,45 @@ class _LossyLink(MqttLink):
         super()._on_message(client, userdata, msg)
 
 
+class SharedHealth:
+    """One :class:`~agent.health.HealthSampler` for every virtual device of this process: the
+    machine they share is read at most once per ``max_age_s``, and each device gets a copy."""
+
+    def __init__(self, data_dir: Path, *, max_age_s: float = 1.0) -> None:
+        self._sampler = HealthSampler(data_dir)
+        self._max_age_s = max_age_s
+        self._lock = threading.Lock()
+        self._sample: dict[str, float] = {}
+        self._taken = -float("inf")
+
+    def sample(self) -> dict[str, float]:
+        with self._lock:
+            if time.monotonic() - self._taken >= self._max_age_s:
+                self._sample = self._sampler.sample()
+                self._taken = time.monotonic()
+            return dict(self._sample)
+
+
+_SHARED_HEALTH: dict[Path, SharedHealth] = {}  # by the simulation's work directory
+_SHARED_HEALTH_LOCK = threading.Lock()
+
+
+def _shared_health(data_dir: Path) -> SharedHealth:
+    root = data_dir.parent.parent  # devices live in <work dir>/<device>/data
+    with _SHARED_HEALTH_LOCK:
+        return _SHARED_HEALTH.setdefault(root, SharedHealth(root))
+
+
 class _VirtualAgent(Agent):
-    """The agent with a lossy network where the device's faults say so."""
+    """The agent with a lossy network where the device's faults say so, and the health readings
+    of the machine it shares with the other virtual devices."""
 
     def __init__(self, settings: AgentSettings, profile: HardwareProfile, *, loss: float) -> None:
         self.loss = loss  # read by _make_link, which the base constructor calls
         super().__init__(settings, profile.platform())
+
+    def _make_health(self, settings: AgentSettings) -> SharedHealth:
+        return _shared_health(settings.data_dir)
 
     def _make_link(self, settings: AgentSettings) -> MqttLink:
         link = super()._make_link(settings)
