@@ -30,7 +30,7 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
@@ -87,6 +87,19 @@ IDLE_WAKE_S = 30.0  # with no probation to watch, the worker wakes this often if
 PERCENTILES = (50, 95, 99)  # latency percentiles reported per model
 
 
+def percentiles(values: Sequence[float] | deque[float], qs: Sequence[float]) -> list[float]:
+    """The ``qs`` percentiles of ``values`` (not empty), interpolated linearly between the two
+    nearest ranks like ``numpy.percentile``'s default; one sort for all of them, without that
+    function's per-call overhead (a report every few seconds, a thousand agents per simulation).
+    """
+    ordered = np.sort(np.fromiter(values, float, count=len(values)))
+    position = np.asarray(qs, dtype=float) / 100.0 * (len(ordered) - 1)
+    below = position.astype(np.intp)  # positions are >= 0: truncation is floor
+    above = np.minimum(below + 1, len(ordered) - 1)
+    low = ordered[below]
+    return [float(v) for v in low + (ordered[above] - low) * (position - below)]
+
+
 class _Metrics:
     """One model version's request counters and a bounded window of latencies for percentiles.
 
@@ -103,8 +116,8 @@ class _Metrics:
     def summary(self) -> dict[str, Any]:
         pct = {}
         if self.latencies:  # one pass over the window for the three percentiles
-            values = np.percentile(np.fromiter(self.latencies, float), PERCENTILES)
-            pct = {f"p{q}": float(v) for q, v in zip(PERCENTILES, values, strict=True)}
+            values = percentiles(self.latencies, PERCENTILES)
+            pct = {f"p{q}": v for q, v in zip(PERCENTILES, values, strict=True)}
         return {
             "version": self.version,
             "requests": self.requests,

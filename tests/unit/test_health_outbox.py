@@ -1,9 +1,17 @@
-"""Device health from a fake /proc and /sys, and the bounded store-and-forward outbox."""
+"""Device health from a fake /proc and /sys, the bounded store-and-forward outbox, and the
+latency percentiles telemetry reports."""
 
 from __future__ import annotations
 
+from collections import deque
 from pathlib import Path
 
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from agent.daemon import percentiles
 from agent.health import HealthSampler
 from agent.outbox import Outbox
 
@@ -82,3 +90,12 @@ def test_outbox_offer_sends_at_once_when_nothing_waits_and_journals_when_unackno
     assert not box.offer("t", b"back", lambda topic, data: sent.append(data) or True)
     assert sent == [b"online", b"offline", b"back"]
     assert len(box) == 0
+
+
+@given(
+    st.lists(st.floats(0, 1e6, allow_nan=False), min_size=1, max_size=300),
+    st.lists(st.floats(0, 100), min_size=1, max_size=5),
+)
+def test_latency_percentiles_are_numpys_linear_percentiles(values, qs):
+    expected = np.percentile(np.array(values), qs)
+    assert percentiles(deque(values), qs) == pytest.approx(list(expected), rel=1e-9, abs=1e-9)
