@@ -82,7 +82,7 @@ from bench import common  # noqa: E402 - after the repository is on sys.path
 
 MB = 1_000_000
 CHUNK_SIZE = 256 * 1024  # the production chunk size (shared.bundle.DEFAULT_CHUNK_SIZE)
-FRAME_BYTES = 128 * 1024  # what the fleet sends per message: run_fleet's 256 KiB limit, halved
+FRAME_BYTES = CHUNK_SIZE  # what the fleet sends per message: one chunk (its 1 MiB default limit)
 TIME_GOAL_S = 120.0
 POLL_S = 0.2
 IDLE_S = 10.0  # after v1: the simulation's CPU with nothing to install (telemetry, inference)

@@ -325,7 +325,6 @@ def run_fleet(
         rollout_tick_s=0.5,
         db=database_url,
         ingest_flush_s=0.1,
-        max_message_bytes=256 * 1024,
         mqtt_protocol=mqtt_protocol,
     )
     server = uvicorn.Server(
