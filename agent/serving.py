@@ -19,7 +19,7 @@ from agent.installed import MANIFEST_NAME, InstalledManifest
 from agent.platform import DevicePlatform
 from agent.runtimes.cache import DecisionCache
 from agent.runtimes.probe import cached_decision, probe_model
-from agent.runtimes.runner import ModelRunner
+from agent.runtimes.runner import ModelRunner, probe_feeds
 from agent.runtimes.selection import Decision
 from agent.store import ModelStore
 from shared.errors import EdgefleetError
@@ -83,13 +83,7 @@ class ActiveModel:
                         f"got {array.dtype.name}"
                     )
             else:
-                try:
-                    array = np.asarray(value, dtype=spec.dtype)
-                except (ValueError, TypeError, OverflowError) as e:
-                    raise EdgefleetError(
-                        f"input {name!r}: expected a rectangular array of {spec.dtype} numbers, "
-                        f"got values that do not make one ({str(e).splitlines()[0][:200]})"
-                    ) from None
+                array = _json_array(name, value, spec.dtype)
             shape = list(array.shape)
             if len(shape) != len(spec.shape) or any(
                 want not in (-1, got) for want, got in zip(spec.shape, shape, strict=False)
@@ -99,6 +93,46 @@ class ActiveModel:
                 )
             feeds[name] = array
         return feeds
+
+
+# What JSON numbers may become, by the kind of the model's dtype: booleans only for bool inputs,
+# integers for integer inputs, and integers or reals for floating-point inputs.
+_JSON_KINDS = {"b": "b", "i": "iu", "u": "iu", "f": "iuf"}
+_KIND_NAMES = {"b": "booleans", "i": "integers", "u": "integers", "f": "numbers"}
+
+
+def _json_array(name: str, value: Any, dtype: str) -> np.ndarray:
+    """A JSON input's nested lists as an array of the model's ``dtype``, refusing anything that is
+    not a rectangular array of the right kind of values (text, null, objects, ragged lists,
+    fractions for an integer input) rather than letting numpy coerce it."""
+    try:
+        want = np.dtype(dtype)
+    except TypeError:  # bfloat16: numpy has no such type
+        raise EdgefleetError(f"input {name!r}: {dtype} inputs cannot be sent as JSON") from None
+    what = f"input {name!r}: expected a rectangular array of {_KIND_NAMES.get(want.kind, dtype)}"
+    try:
+        raw = np.asarray(value)
+    except (ValueError, TypeError) as e:  # ragged nesting
+        raise EdgefleetError(f"{what}, got nested lists of uneven lengths ({e})") from None
+    allowed = _JSON_KINDS.get(want.kind, "")
+    if raw.size and raw.dtype.kind not in allowed:
+        got = {
+            "U": "text",
+            "O": "null, objects, mixed values or integers beyond 64 bits",
+            "b": "booleans",
+            "i": "integers",
+            "u": "integers",
+            "f": "numbers with a fraction or an exponent",
+        }.get(raw.dtype.kind, f"{raw.dtype.name} values")
+        raise EdgefleetError(f"{what}, got {got}")
+    try:
+        with np.errstate(over="raise", invalid="raise"):
+            array = raw.astype(want, casting="unsafe")
+    except (FloatingPointError, OverflowError, ValueError) as e:
+        raise EdgefleetError(f"{what} that fit {dtype}, got values that do not ({e})") from None
+    if want.kind in "iu" and not np.array_equal(array, raw):
+        raise EdgefleetError(f"{what} that fit {dtype}, got values that do not")
+    return array
 
 
 @dataclass(frozen=True)
@@ -179,7 +213,9 @@ class Runtimes:
     def load(self, manifest: Manifest | InstalledManifest, decision: Decision) -> ActiveModel:
         """Load a model for serving (the old one keeps serving until the caller swaps)."""
         root = self.store.version_dir(manifest.name, manifest.version)
-        runner = ModelRunner(root, manifest, decision, self.platform.backends)
+        runner = ModelRunner(
+            root, manifest, decision, self.platform.backends, probe=probe_feeds(manifest.inputs)
+        )
         try:
             runner.load()
         except EdgefleetError as e:

@@ -4,6 +4,12 @@
 or fails during inference, the runner moves down the ranking and retries the call once on the
 next candidate, so a runtime that breaks in the field costs one slower call, not an outage.
 The hot path is a single method call on the loaded model plus a name check.
+
+A failure is blamed on the runtime only if the runtime also fails a known-good input (the
+``probe``: zeros of the model's declared inputs). Otherwise the request was at fault (an index
+out of range, two inputs whose free dimensions disagree, anything only the values reveal): it
+gets :class:`InputRefusedError` and the runtime keeps serving, so one application's bad input
+cannot take a model offline on a device.
 """
 
 from __future__ import annotations
@@ -18,8 +24,9 @@ import numpy as np
 from agent.runtimes.base import ArtifactRef, Candidate, LoadedModel, RuntimeLoadError
 from agent.runtimes.registry import BACKENDS, load_backend
 from agent.runtimes.selection import Decision, NoRuntimeError
+from shared.errors import EdgefleetError
 
-__all__ = ["ModelRunner", "RunnableManifest"]
+__all__ = ["InputRefusedError", "ModelRunner", "RunnableManifest", "probe_feeds"]
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +42,36 @@ class RunnableManifest(Protocol):
     def artifacts(self) -> Sequence[ArtifactRef]: ...
 
 
+class InputRefusedError(EdgefleetError):
+    """The runtime refused one request's input, and still runs a known-good one."""
+
+    default_check = "input"
+
+
+class TensorShape(Protocol):
+    """A declared input: :class:`shared.manifest.TensorSpec` or the daemon's own reading."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def dtype(self) -> str: ...
+
+    @property
+    def shape(self) -> Sequence[int]: ...
+
+
+def probe_feeds(inputs: Sequence[TensorShape]) -> dict[str, np.ndarray] | None:
+    """Zeros of every declared input (a free dimension as 1), or None when numpy has no such
+    dtype (``bfloat16``): then every failure is blamed on the runtime, as without a probe."""
+    try:
+        return {
+            t.name: np.zeros([d if d > 0 else 1 for d in t.shape], dtype=t.dtype) for t in inputs
+        }
+    except TypeError:
+        return None
+
+
 class ModelRunner:
     """Run a bundle's model on the decided runtime, falling back down the ranking on failure."""
 
@@ -44,11 +81,14 @@ class ModelRunner:
         manifest: RunnableManifest,
         decision: Decision,
         backends: Mapping[str, str] = BACKENDS,
+        *,
+        probe: Mapping[str, np.ndarray] | None = None,
     ) -> None:
         self.model_root = model_root
         self.manifest = manifest
         self.decision = decision
         self._backends = backends
+        self._probe = probe
         self._model: LoadedModel | None = None
         self.active: Candidate | None = None
         self.failures: list[str] = []
@@ -81,7 +121,12 @@ class ModelRunner:
         self.decision = self.decision.without(candidate.key, reason)
 
     def infer(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Run one input or a batch. On a runtime failure, fall back once and retry."""
+        """Run one input or a batch. On a runtime failure, fall back once and retry.
+
+        Raises:
+            InputRefusedError: the runtime refused this input but still runs the probe.
+            NoRuntimeError: no runtime is left that loads.
+        """
         model = self._model
         if model is None:
             self.load()
@@ -90,6 +135,11 @@ class ModelRunner:
         try:
             return model.infer(feeds)
         except Exception as e:
+            if self._still_runs(model):
+                first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+                raise InputRefusedError(
+                    f"{self.manifest.name}: the runtime refused this input: {first_line[:300]}"
+                ) from e
             failed = self.active
             self.close()
             if failed is not None:
@@ -97,6 +147,16 @@ class ModelRunner:
             self.load()
             assert self._model is not None
             return self._model.infer(feeds)
+
+    def _still_runs(self, model: LoadedModel) -> bool:
+        """After a failure: does ``model`` still answer the probe? Then the input was at fault."""
+        if self._probe is None:
+            return False
+        try:
+            model.infer(self._probe)
+        except Exception:
+            return False
+        return True
 
     def close(self) -> None:
         if self._model is not None:

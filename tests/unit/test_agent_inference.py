@@ -184,13 +184,12 @@ JSON_MISMATCHES = {
     ),
     "ragged lists": (
         {"input": [[1.0, 2.0], [3.0]]},
-        "input 'input': expected a rectangular array of float32 numbers, got values that do "
-        "not make one",
+        "input 'input': expected a rectangular array of numbers, got nested lists of uneven "
+        "lengths",
     ),
     "text instead of numbers": (
         {"input": [["a", "b"]]},
-        "input 'input': expected a rectangular array of float32 numbers, got values that do "
-        "not make one",
+        "input 'input': expected a rectangular array of numbers, got text",
     ),
 }
 
@@ -287,3 +286,21 @@ def test_the_inference_thread_outlives_a_failure(agent, caplog):
     agent._serve_inference()  # returns at the None, after both requests
     assert "inference request on" in caplog.text
     assert len(agent.link.published) == 1  # type: ignore[attr-defined]
+
+
+# JSON values numpy would coerce silently are refused, with what arrived.
+JSON_VALUES = {
+    "null": (None, "got null, objects, mixed values or integers beyond 64 bits"),
+    "text": ("1.5", "got text"),
+}
+
+
+@pytest.mark.parametrize("case", list(JSON_VALUES))
+def test_json_values_that_are_not_numbers_are_refused(agent, case):
+    value, got = JSON_VALUES[case]
+    inputs = {"input": np.full((1, 4, 4, 3), 0.5).tolist()}
+    inputs["input"][0][0][0][0] = value  # one bad value in an otherwise good tensor
+    _, response = answer(agent, json.dumps({**IDENTITY, "inputs": inputs}).encode())
+    assert not response.ok
+    assert response.error == f"input 'input': expected a rectangular array of numbers, {got}"
+    assert runner(agent).feeds == []

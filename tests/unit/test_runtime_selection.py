@@ -16,7 +16,7 @@ from agent.runtimes.base import Candidate
 from agent.runtimes.cache import DecisionCache, cache_key
 from agent.runtimes.inventory import CpuInfo, Inventory
 from agent.runtimes.probe import probe_model
-from agent.runtimes.runner import ModelRunner
+from agent.runtimes.runner import InputRefusedError, ModelRunner, probe_feeds
 from agent.runtimes.selection import NoRuntimeError, TrialResult, decide, judge
 from agent.runtimes.trial import Measurement, TrialSettings
 from shared.bundle import build_bundle, check_payload, open_bundle
@@ -283,6 +283,35 @@ def test_runner_falls_back_when_inference_fails_at_run_time(tmp_path, monkeypatc
     assert out["y"].shape == (2, 3)
     assert runner.active.options["fault"] == "slow"
     assert first_key not in [r.candidate.key for r in runner.decision.ranking]
+
+
+def test_a_broken_runtime_is_dropped_even_with_a_probe(tmp_path, monkeypatch):
+    model_root, manifest = doubling_model(tmp_path)
+    probe = probe_feeds(manifest.inputs)
+    runner = ModelRunner(model_root, manifest, ranked("none", "slow"), BACKENDS, probe=probe)
+    runner.load()
+    first_key = runner.active.key
+    monkeypatch.setattr(fault_backends, "BROKEN_AT_RUNTIME", {first_key})
+    out = runner.infer({"x": np.ones((2, 3), np.float32)})  # the probe fails too: fall back
+    assert out["y"].shape == (2, 3)
+    assert runner.active.options["fault"] == "slow"
+
+
+def test_an_input_only_the_runtime_refuses_is_refused_and_the_runtime_kept(tmp_path):
+    """A request that fails where a known-good input still runs was the request's fault."""
+    model_root, manifest = doubling_model(tmp_path)
+    probe = probe_feeds(manifest.inputs)
+    assert probe is not None
+    assert probe["x"].shape == (1, 3)  # the free dimension as 1
+    runner = ModelRunner(model_root, manifest, ranked("none", "slow"), BACKENDS, probe=probe)
+    runner.load()
+    kept = runner.active.key
+    with pytest.raises(InputRefusedError, match="doubler: the runtime refused this input: 'x'"):
+        runner.infer({"z": np.ones((1, 3), np.float32)})  # the fake model fails on KeyError
+    assert runner.active.key == kept
+    assert kept in [r.candidate.key for r in runner.decision.ranking]
+    assert runner.failures == []
+    np.testing.assert_array_equal(runner.infer({"x": np.ones((1, 3), np.float32)})["y"], 2)
 
 
 def test_runner_with_every_candidate_failing_raises_no_runtime(tmp_path):
