@@ -280,9 +280,9 @@ class Agent:
             time=datetime.now(UTC),
             health=self.health.sample(),
             dropped=self.outbox.dropped,
-            models={n: m.summary() for n, m in self.metrics.items()},
+            models={n: m.summary() for n, m in list(self.metrics.items())},
         )
-        # Sent at once when the journal is empty: see Outbox.offer for why that loses nothing.
+        # Sent at once when the journal is empty (Outbox.offer: what that can lose, and why).
         self.outbox.offer(
             device_topic(self.device_id, UP_TELEMETRY), telemetry, self.link.publish_confirmed
         )

@@ -73,6 +73,8 @@ class FetchClient:
             payload = self.frames.get(timeout=max(deadline - time.monotonic(), 0.0))
             with contextlib.suppress(ProtocolError):
                 return decode_frame(payload)
+            if time.monotonic() >= deadline:  # a stream of malformed frames must not hold us
+                raise queue.Empty
 
     def send(self, request: FetchRequest) -> bool:
         topic = device_topic(self.device_id, UP_FETCH)

@@ -65,7 +65,7 @@ __all__ = [
 ]
 
 DEFAULT_MAX_PACKET_SIZE = 1024 * 1024
-"""1 MiB: EMQX's default. A fetch frame (at most 128 KiB of data plus its header) fits easily."""
+"""1 MiB: EMQX's default. A fetch frame (one 256 KiB chunk plus its header) fits easily."""
 
 FLEET_IDENTITY = "fleet-svc"
 MQTT_MAX_PACKET_SIZE = 268_435_455 + 5  # largest remaining length + fixed header

@@ -412,7 +412,8 @@ def _rollout(
                 completed=done,
                 description=f"rollout {version}: {doc['state']}, stage {doc['stage']}",
             )
-        return doc if doc["state"] in ("completed", "halted", "aborted") else None
+        # A pause (an inconclusive gate) waits for a person: the demo reports it, not waits.
+        return doc if doc["state"] in ("completed", "halted", "aborted", "paused") else None
 
     doc: dict[str, Any] = _wait(settled, timeout, f"rollout {version}")
     return doc

@@ -203,26 +203,35 @@ class _SharedSessions:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._sessions: dict[str, tuple[Any, int]] = {}
+        # Results outlive the sessions (a self-test's session is closed before serving opens
+        # another), bounded by MAX_COMPUTED; one computation per key at a time (_computing).
         self._computed: dict[tuple[str, bytes], _Computed] = {}
+        self._computing: dict[tuple[str, bytes], threading.Lock] = {}
 
     def run(self, digest: str, session: Any, feeds: Mapping[str, np.ndarray]) -> _Computed:
-        """The outputs of ``session`` for ``feeds``: computed on first use, then replayed."""
+        """The outputs of ``session`` for ``feeds``: computed on first use, then replayed.
+
+        Devices that ask for the same new input at once wait for the first one's computation.
+        """
         key = (digest, _feeds_key(feeds))
         computed = self._computed.get(key)
-        if computed is None:
-            output_names = [o.name for o in session.get_outputs()]
-            best, results = float("inf"), []
-            for _ in range(TIMING_RUNS):
-                started = time.perf_counter()
-                results = session.run(output_names, dict(feeds))
-                best = min(best, time.perf_counter() - started)
-            for array in results:
-                array.flags.writeable = False  # replayed to every device: nobody may change it
-            computed = _Computed(tuple(results), best)
-            with self._lock:
-                if len(self._computed) >= MAX_COMPUTED:
-                    self._computed.pop(next(iter(self._computed)))  # the oldest
-                self._computed[key] = computed
+        if computed is not None:
+            return computed
+        with self._lock:
+            gate = self._computing.setdefault(key, threading.Lock())
+        with gate:
+            computed = self._computed.get(key)
+            if computed is not None:  # computed while this thread waited
+                return computed
+            try:
+                computed = _compute(session, feeds)
+                with self._lock:
+                    if len(self._computed) >= MAX_COMPUTED:
+                        self._computed.pop(next(iter(self._computed)))  # the oldest
+                    self._computed[key] = computed
+            finally:
+                with self._lock:
+                    self._computing.pop(key, None)
         return computed
 
     def acquire(self, path: Path, digest: str) -> Any:
@@ -249,10 +258,21 @@ class _SharedSessions:
             session, users = self._sessions.get(digest, (None, 0))
             if users <= 1:
                 self._sessions.pop(digest, None)
-                for key in [k for k in self._computed if k[0] == digest]:
-                    del self._computed[key]
             else:
                 self._sessions[digest] = (session, users - 1)
+
+
+def _compute(session: Any, feeds: Mapping[str, np.ndarray]) -> _Computed:
+    """Run ``feeds`` ``TIMING_RUNS`` times: the outputs (read-only) and the best latency."""
+    output_names = [o.name for o in session.get_outputs()]
+    best, results = float("inf"), []
+    for _ in range(TIMING_RUNS):
+        started = time.perf_counter()
+        results = session.run(output_names, dict(feeds))
+        best = min(best, time.perf_counter() - started)
+    for array in results:
+        array.flags.writeable = False  # replayed to every device: nobody may change it
+    return _Computed(tuple(results), best)
 
 
 def _feeds_key(feeds: Mapping[str, np.ndarray]) -> bytes:

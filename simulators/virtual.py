@@ -222,7 +222,9 @@ _SHARED_HEALTH_LOCK = threading.Lock()
 def _shared_health(data_dir: Path) -> SharedHealth:
     root = data_dir.parent.parent  # devices live in <work dir>/<device>/data
     with _SHARED_HEALTH_LOCK:
-        return _SHARED_HEALTH.setdefault(root, SharedHealth(root))
+        if root not in _SHARED_HEALTH:
+            _SHARED_HEALTH[root] = SharedHealth(root)
+        return _SHARED_HEALTH[root]
 
 
 class _VirtualAgent(Agent):
