@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import logging
 import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from datetime import datetime
@@ -41,6 +42,7 @@ from fastapi import (
 )
 from pydantic import BaseModel, Field, TypeAdapter
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import OperationalError
 from sqlmodel import Session, col, select
 from starlette.concurrency import run_in_threadpool
 
@@ -62,6 +64,8 @@ from shared.manifest import NAME_PATTERN, VERSION_PATTERN
 from shared.protocol import DEVICE_ID_PATTERN
 
 __all__ = ["router"]
+
+logger = logging.getLogger(__name__)
 
 
 class Problem(BaseModel):
@@ -650,7 +654,10 @@ def create_rollout(
     except EdgefleetError as e:
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(e)) from e
     session.commit()
-    service.tick()
+    try:
+        service.tick()  # start it now rather than at the scheduler's next tick
+    except OperationalError as e:  # e.g. a deadlock the database broke: the scheduler retries
+        logger.warning("rollout %s: its first step is left to the scheduler: %s", record.id, e)
     session.refresh(record)
     return dict(service.status(session, record))
 

@@ -110,6 +110,22 @@ def parse_target(selector: str) -> dict[str, str]:
     return result
 
 
+def _lock_devices(session: Session, device_ids: list[str]) -> None:
+    """Lock the rows of the devices about to get orders, in id order (PostgreSQL).
+
+    The bridge marks devices seen in id order too (``crud._touch_senders``), so the two cannot
+    deadlock: without this, orders updated rows in the plan's order while a batch of telemetry
+    touched them in id order. SQLite has one writer at a time and needs no locks.
+    """
+    if device_ids and session.get_bind().dialect.name == "postgresql":
+        session.exec(
+            select(Device.id)
+            .where(col(Device.id).in_(device_ids))
+            .order_by(Device.id)
+            .with_for_update()
+        ).all()
+
+
 def _epoch(moment: datetime | None) -> float | None:
     if moment is None:
         return None
@@ -689,6 +705,9 @@ class RolloutService:
     def _execute(
         self, session: Session, rollout_id: str, plan: Plan, actions: tuple[Any, ...]
     ) -> None:
+        _lock_devices(
+            session, sorted({a.device_id for a in actions if order_version(a) is not None})
+        )
         for action in actions:
             version = order_version(action)
             if version is not None:
