@@ -10,13 +10,16 @@
 5. roll v1 out to all, v2 in stages, v3 in stages, which the gates must halt and revert.
 
 v3 is the bad release: on the ``arm-npu`` hardware class it computes wrong outputs (so the
-devices' self-test refuses it there), and everywhere else it is correct but three times as slow
-(so the latency gate, which compares it with the devices still on v2, refuses it too). The gate
-allows a p95 ratio of 2: a good release on a busy laptop measures up to about 1.7 against its
-control group (the simulated latency is a sleep, and a loaded machine stretches it unevenly),
-so a tighter limit would halt v2 there; the self-test halts v3 on the NPU whatever the load.
-For the same reason the gates judge latency only from at least two devices (``min_sample``):
-the median of their ratios, never one device alone.
+devices' self-test refuses it there), and everywhere else it is correct but six times as slow
+(so the latency gate, which compares it with the devices still on v2, refuses it too once it
+has enough of them). The gate allows a p95 ratio of 3. All the devices share this machine's
+two cores, and the simulated latency is a sleep that a busy process stretches unevenly: a good
+release has measured up to 2.3 times its control group here, most in the last stage, which is
+compared with the figure its control group had in the stage before (nobody is left on the old
+version). On the class with the shortest latencies (``jetson-gpu``, 12 ms) one device's p95
+stretched six-fold. So the gates need a third of the devices (``min_sample``), at least four
+of 12, and judge the median of their ratios rather than a class of three. The self-test halts
+v3 on the NPU whatever the load.
 """
 
 from __future__ import annotations
@@ -70,10 +73,9 @@ STAGES: tuple[list[float], ...] = (
     [34, 100],
 )  # v1 to all at once, v2 and v3 in two stages
 # How v3 misbehaves on the simulated hardware (see the module docstring).
-MAX_P95_RATIO = 2.0  # the latency gate of v2 and v3 (see the module docstring)
-BAD_V3 = "wrong-output:version=3.0.0:class=arm-npu,slow:version=3.0.0:factor=3"
+MAX_P95_RATIO = 3.0  # the latency gate of v2 and v3 (see the module docstring)
+BAD_V3 = "wrong-output:version=3.0.0:class=arm-npu,slow:version=3.0.0:factor=6"
 ADMIN_TOKEN_ENV = "EDGEFLEET_ADMIN_TOKEN"  # noqa: S105 - the variable name, not a secret
-MIN_DEVICES_FOR_SAMPLE_2 = 6  # from here on, each stage of 34% has two devices or more
 REVERT_WAIT_S = 60.0  # how long the summary waits for a halted release's devices to revert
 BROKER_CHOICES = ("auto", "mosquitto", "embedded")
 # Where Debian and source builds install mosquitto, outside a normal user's PATH.
@@ -515,9 +517,9 @@ def run_demo(options: DemoOptions) -> dict[str, Any]:
                     console=console,
                     disable=options.headless or options.as_json,
                 ) as progress:
-                    # Two devices at least where there are enough: one device's p95 over a few
-                    # seconds is too noisy to judge a release by (see the module docstring).
-                    min_sample = 2 if len(devices) >= MIN_DEVICES_FOR_SAMPLE_2 else 1
+                    # A third of the devices: a stage of 34% has that many, and a few devices'
+                    # p95 is too noisy to judge a release by (see the module docstring).
+                    min_sample = max(1, len(devices) // 3)
                     docs = []
                     for version, stages in zip(VERSIONS, STAGES, strict=True):
                         docs.append(
