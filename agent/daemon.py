@@ -87,7 +87,7 @@ IDLE_WAKE_S = 30.0  # with no probation to watch, the worker wakes this often if
 PERCENTILES = (50, 95, 99)  # latency percentiles reported per model
 
 
-def percentiles(values: Sequence[float] | deque[float], qs: Sequence[float]) -> list[float]:
+def percentiles(values: Sequence[float], qs: Sequence[float]) -> list[float]:
     """The ``qs`` percentiles of ``values`` (not empty), interpolated linearly between the two
     nearest ranks like ``numpy.percentile``'s default; one sort for all of them, without that
     function's per-call overhead (a report every few seconds, a thousand agents per simulation).

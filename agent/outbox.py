@@ -1,8 +1,7 @@
 """Store-and-forward for everything the agent reports: nothing is lost while offline.
 
 Each state report and event is appended to a journal file on disk before it is sent, and removed
-only once the broker has acknowledged it (QoS 1 PUBACK); telemetry is journalled only when the
-broker does not acknowledge it at once (:meth:`Outbox.offer`, below). The journal is bounded:
+only once the broker has acknowledged it (QoS 1 PUBACK). The journal is bounded:
 when it holds ``max_records``, the oldest record is dropped and counted, and the count travels
 with the next telemetry so the fleet knows what it missed. Restarts lose nothing: the journal is
 replayed on start.
@@ -11,9 +10,8 @@ Telemetry may take a shorter way (:meth:`Outbox.offer`): when nothing older wait
 it is sent first and journalled only if the broker does not acknowledge it. A telemetry record
 describes the seconds before it; the only ones this can lose (uncounted in ``dropped``) are
 those whose acknowledgement was still on its way at a power cut, the same loss as a cut a
-moment before they were measured.
-It spares a device (and its flash) a synced file write every telemetry interval. State and
-deployment events always go through the journal.
+moment before they were measured. It spares a device (and its flash) a synced file write every
+telemetry interval.
 
 Records are files named by a zero-padded sequence number in ``outbox/``; writing one is
 temp file + fsync + rename, so a crash leaves whole records or none. The directory is listed

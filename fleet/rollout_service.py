@@ -110,7 +110,7 @@ def parse_target(selector: str) -> dict[str, str]:
     return result
 
 
-def _lock_devices(session: Session, device_ids: list[str]) -> None:
+def _lock_devices(session: Session, device_ids: set[str]) -> None:
     """Lock the rows of the devices about to get orders, in id order (PostgreSQL).
 
     The bridge marks devices seen in id order too (``crud._touch_senders``), so the two cannot
@@ -705,9 +705,7 @@ class RolloutService:
     def _execute(
         self, session: Session, rollout_id: str, plan: Plan, actions: tuple[Any, ...]
     ) -> None:
-        _lock_devices(
-            session, sorted({a.device_id for a in actions if order_version(a) is not None})
-        )
+        _lock_devices(session, {a.device_id for a in actions if order_version(a) is not None})
         for action in actions:
             version = order_version(action)
             if version is not None:

@@ -16,7 +16,8 @@ A virtual device runs the real agent; only what it runs *on* is simulated:
   device that asks again. Real devices compute on their own hardware; a thousand virtual ones
   computing the same input on this machine's two cores would only measure that machine. The
   outputs are exactly what ONNX Runtime computed, so self-tests judge real results, and the
-  latency of a release no longer depends on how busy the machine was when a device measured it;
+  simulated latency no longer includes how long this machine took to compute them at the time
+  (the sleep a busy process stretches still does);
 - :class:`ModelFault` makes a given model version misbehave on given hardware: wrong outputs
   (its self-test fails there) or extra latency (correct but slower).
 

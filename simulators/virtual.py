@@ -42,6 +42,7 @@ import agent.store
 from agent.config import AgentSettings
 from agent.daemon import Agent
 from agent.health import HealthSampler
+from agent.runtimes.runner import probe_feeds
 from agent.status import read_status
 from agent.store import FAULT_POINTS
 from shared.durations import parse_duration
@@ -535,12 +536,7 @@ class Simulation:
 
 def _feeds(agent_: Agent, name: str) -> dict[str, np.ndarray] | None:
     active = agent_.models.get(name)
-    if active is None:
-        return None
-    return {
-        t.name: np.zeros([d if d > 0 else 1 for d in t.shape], dtype=t.dtype)
-        for t in active.manifest.inputs
-    }
+    return None if active is None else probe_feeds(active.manifest.inputs)
 
 
 def _one_inference(device: VirtualDevice) -> None:
