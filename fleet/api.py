@@ -40,7 +40,7 @@ from fastapi import (
     Response,
     status,
 )
-from pydantic import BaseModel, Field, TypeAdapter
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, model_validator
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import OperationalError
 from sqlmodel import Session, col, select
@@ -58,6 +58,7 @@ from fleet.models import (
     RolloutRecord,
 )
 from fleet.releases import ReleaseConflictError, publish_release
+from fleet.rollout_options import RolloutOptions
 from fleet.ttl_cache import TtlCache
 from shared.errors import EdgefleetError
 from shared.manifest import NAME_PATTERN, VERSION_PATTERN
@@ -626,18 +627,42 @@ def unpin_group(
 # -- rollouts ------------------------------------------------------------------------------------
 
 
-class RolloutIn(BaseModel):
+class RolloutRequest(RolloutOptions):
+    """A release, a target, and the rollout options that differ from the fleet's defaults.
+
+    An option left out takes the fleet's default (``GET /api/v1/rollout-defaults``; the defaults
+    this schema shows are the built-in ones), and ``gates`` changes only the thresholds it names.
+    ``null`` for ``stages`` or ``gates`` means the default, as it always has.
+    """
+
+    model_config = ConfigDict(extra="ignore")
     model: str = Field(pattern=NAME_PATTERN)
     version: str = Field(pattern=VERSION_PATTERN)
     target: str = Field(default="", max_length=512, pattern=NO_CONTROL_CHARACTERS)
-    stages: list[float] | None = None
-    soak_s: float = 600.0
-    max_failure_rate: float = 0.05
-    max_in_flight: int = 100
-    revert_on_fail: bool = True
-    device_timeout_s: float = 3600.0
-    gates: dict[str, Any] | None = None  # overrides of fleet.rollouts.Gates fields
-    plan: dict[str, Any] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_the_default(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            return {k: v for k, v in data.items() if not (k in ("stages", "gates") and v is None)}
+        return data
+
+    def options(self, defaults: RolloutOptions) -> RolloutOptions:
+        """The options this request gives, laid over ``defaults``."""
+        given = self.model_dump(exclude_unset=True, include=set(RolloutOptions.model_fields))
+        return defaults.merged(given)
+
+
+class RolloutIn(RolloutRequest):
+    plan: dict[str, Any] | None = Field(
+        default=None, description="a plan from the console's preview: wins over the options"
+    )
+
+
+def rollout_defaults(request: Request) -> RolloutOptions:
+    """The fleet's rollout options for what a request leaves out (``FleetSettings``)."""
+    defaults: RolloutOptions = request.app.state.settings.rollout_defaults
+    return defaults
 
 
 def _service(request: Request) -> Any:
@@ -650,7 +675,15 @@ def create_rollout(
 ) -> dict[str, Any]:
     service = _service(request)
     try:
-        record = service.create(session, actor=token.name, **body.model_dump())
+        record = service.create(
+            session,
+            model=body.model,
+            version=body.version,
+            actor=token.name,
+            target=body.target,
+            options=body.options(rollout_defaults(request)),
+            plan=body.plan,
+        )
     except EdgefleetError as e:
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(e)) from e
     session.commit()
@@ -660,6 +693,12 @@ def create_rollout(
         logger.warning("rollout %s: its first step is left to the scheduler: %s", record.id, e)
     session.refresh(record)
     return dict(service.status(session, record))
+
+
+@router.get("/rollout-defaults", response_model=RolloutOptions)
+def get_rollout_defaults(request: Request, _: Viewer) -> RolloutOptions:
+    """The options a new rollout gets for what its request leaves out: the fleet's policy."""
+    return rollout_defaults(request)
 
 
 @router.get("/rollouts")

@@ -136,6 +136,13 @@ def _check(response: Any) -> Any:
             detail = response.json().get("detail")
         except ValueError:
             detail = response.text
+        if isinstance(detail, list):  # the request's shape: one problem per field
+            detail = "; ".join(
+                f"{'.'.join(map(str, p.get('loc', ())[1:]))}: {p.get('msg')}, "
+                f"got {p.get('input')!r}"
+                for p in detail
+                if isinstance(p, dict)
+            )
         raise UsageError(f"the fleet refused: {response.status_code} {detail}")
     return response.json()
 
@@ -319,33 +326,37 @@ def rollout_create(
     name: Annotated[str, typer.Argument(help="Model name.")],
     version: Annotated[str, typer.Argument(help="Release version.")],
     target: Annotated[str, typer.Option(help="hardware_class=..,group=..,device=..")] = "",
-    stages: Annotated[str, typer.Option(help="Cumulative percentages.")] = "5,25,100",
-    soak: Annotated[str, typer.Option(help="Soak time per stage, like 10m.")] = "10m",
+    stages: Annotated[
+        str | None, typer.Option(help="Cumulative percentages, like 5,25,100.")
+    ] = None,
+    soak: Annotated[str | None, typer.Option(help="Soak time per stage, like 10m.")] = None,
     max_failure_rate: Annotated[
-        float, typer.Option(help="Install failure share a gate tolerates.")
-    ] = 0.05,
-    max_in_flight: Annotated[int, typer.Option(help="Devices updating at once.")] = 100,
+        float | None, typer.Option(help="Install failure share a gate tolerates.")
+    ] = None,
+    max_in_flight: Annotated[int | None, typer.Option(help="Devices updating at once.")] = None,
     plan: Annotated[
         Path | None, typer.Option(help="A JSON plan file (overrides the above).")
     ] = None,
     fleet: FleetUrl = None,
 ) -> None:
-    """Create a staged rollout of NAME VERSION; prints its id."""
+    """Create a staged rollout of NAME VERSION; prints its id.
+
+    An option left out takes the fleet's default (GET /api/v1/rollout-defaults).
+    """
     from shared.durations import parse_duration
 
-    try:
-        percents = [float(p) for p in stages.split(",") if p.strip()]
-    except ValueError as e:
-        raise UsageError(f"--stages must be comma-separated percentages, got {stages!r}") from e
-    body: dict[str, Any] = {
-        "model": name,
-        "version": version,
-        "target": target,
-        "stages": percents,
-        "soak_s": parse_duration(soak).total_seconds(),
-        "max_failure_rate": max_failure_rate,
-        "max_in_flight": max_in_flight,
-    }
+    body: dict[str, Any] = {"model": name, "version": version, "target": target}
+    if stages is not None:
+        try:
+            body["stages"] = [float(p) for p in stages.split(",") if p.strip()]
+        except ValueError as e:
+            raise UsageError(f"--stages must be comma-separated percentages, got {stages!r}") from e
+    if soak is not None:
+        body["soak_s"] = parse_duration(soak).total_seconds()
+    if max_failure_rate is not None:
+        body["max_failure_rate"] = max_failure_rate
+    if max_in_flight is not None:
+        body["max_in_flight"] = max_in_flight
     if plan is not None:
         body["plan"] = json.loads(plan.read_text())
     with _client(fleet) as client:

@@ -2,6 +2,12 @@
 
 Sources, lowest to highest precedence: defaults, environment variables ``EDGEFLEET_FLEET_<FIELD>``,
 command-line flags. The admin token comes from ``EDGEFLEET_ADMIN_TOKEN``.
+
+``rollout_defaults`` is the fleet's rollout policy: what a new rollout gets for each option its
+request leaves out. From the environment it is JSON, and what it leaves out keeps the built-in
+default::
+
+    EDGEFLEET_FLEET_ROLLOUT_DEFAULTS='{"stages": [10, 100], "gates": {"min_sample": 3}}'
 """
 
 from __future__ import annotations
@@ -11,6 +17,8 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from fleet.rollout_options import RolloutOptions
 
 __all__ = ["FleetSettings"]
 
@@ -41,12 +49,23 @@ class FleetSettings(BaseSettings):
     rollout_tick_s: float = Field(default=1.0, gt=0)
     # how long the API reuses a device-list page for the same query; 0: never (see fleet.api)
     device_list_cache_s: float = Field(default=1.0, ge=0)
+    # what a new rollout gets for each option its request leaves out (see fleet.rollout_options)
+    rollout_defaults: RolloutOptions = RolloutOptions()
 
     @field_validator("broker")
     @classmethod
     def _url(cls, value: str | None) -> str | None:
         if value is not None and not value.startswith(("mqtt://", "mqtts://")):
             raise ValueError(f"must start with mqtt:// or mqtts://, got {value!r}")
+        return value
+
+    @field_validator("rollout_defaults")
+    @classmethod
+    def _plan(cls, value: RolloutOptions) -> RolloutOptions:
+        # what the engine checks across fields (the last stage is 100%), checked at start-up
+        value.engine_plan(
+            rollout_id="defaults", model="m", version="2", previous_version="1", salt="s"
+        )
         return value
 
     @field_validator("mqtt_protocol", mode="before")

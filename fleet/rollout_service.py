@@ -45,6 +45,7 @@ from fleet.models import (
     TelemetrySample,
 )
 from fleet.rollout_codec import decode_plan, decode_rollout, encode_plan, encode_rollout
+from fleet.rollout_options import RolloutOptions
 from fleet.rollouts import (
     Abort,
     Action,
@@ -52,7 +53,6 @@ from fleet.rollouts import (
     DeviceView,
     Dispatch,
     GateDecision,
-    Gates,
     OperatorAction,
     Pause,
     Plan,
@@ -61,7 +61,6 @@ from fleet.rollouts import (
     RetryFailed,
     Revert,
     Rollout,
-    Stage,
     StateChanged,
     apply_operator,
     preview,
@@ -87,7 +86,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 ACTIVE = ("pending", "running", "paused", "halted")
-DEFAULT_STAGES = (5.0, 25.0, 100.0)
 OPERATOR_ACTIONS: dict[str, Callable[..., OperatorAction]] = {
     "pause": Pause,
     "resume": Resume,
@@ -354,16 +352,14 @@ class RolloutService:
         version: str,
         actor: str,
         target: str = "",
-        stages: list[float] | None = None,
-        soak_s: float = 600.0,
-        max_failure_rate: float = 0.05,
-        max_in_flight: int = 100,
-        revert_on_fail: bool = True,
-        device_timeout_s: float = 3600.0,
-        gates: dict[str, Any] | None = None,
+        options: RolloutOptions | None = None,
         plan: dict[str, Any] | None = None,
     ) -> RolloutRecord:
-        """Store a new rollout (state pending); the next tick starts it."""
+        """Store a new rollout (state pending); the next tick starts it.
+
+        ``plan`` (an encoded plan, such as the console's preview returns) wins over ``options``;
+        without either, the engine's own defaults apply (the API passes the fleet's).
+        """
         self._check_release(session, model, version)
         busy = session.exec(
             select(RolloutRecord).where(
@@ -388,13 +384,7 @@ class RolloutService:
                 model=model,
                 version=version,
                 target=target,
-                stages=stages,
-                soak_s=soak_s,
-                max_failure_rate=max_failure_rate,
-                max_in_flight=max_in_flight,
-                revert_on_fail=revert_on_fail,
-                device_timeout_s=device_timeout_s,
-                gates=gates,
+                options=options or RolloutOptions(),
             )
         now = crud.now_utc()
         record = RolloutRecord(
@@ -440,16 +430,10 @@ class RolloutService:
         model: str,
         version: str,
         target: str = "",
-        stages: list[float] | None = None,
-        soak_s: float = 600.0,
-        max_failure_rate: float = 0.05,
-        max_in_flight: int = 100,
-        revert_on_fail: bool = True,
-        device_timeout_s: float = 3600.0,
-        gates: Mapping[str, Any] | None = None,
+        options: RolloutOptions,
     ) -> Plan:
-        """The engine's plan for these options (what :meth:`create` stores; the console's
-        preview shows it before anything is stored).
+        """The engine's plan of ``options`` for this release (what :meth:`create` stores; the
+        console's preview shows it before anything is stored).
 
         Raises:
             UsageError: no such release, a bad target selector or a bad plan value.
@@ -457,17 +441,12 @@ class RolloutService:
         self._check_release(session, model, version)
         parse_target(target)
         try:
-            return Plan(
+            return options.engine_plan(
                 rollout_id=rollout_id,
                 model=model,
                 version=version,
                 previous_version=self._previous_version(session, model, version),
-                stages=tuple(Stage(percent=p, soak_s=soak_s) for p in stages or DEFAULT_STAGES),
                 salt=secrets.token_hex(8),
-                max_in_flight=max_in_flight,
-                gates=Gates(**{"min_install_success": 1 - max_failure_rate, **(gates or {})}),
-                revert_on_fail=revert_on_fail,
-                device_timeout_s=device_timeout_s,
             )
         except (ValueError, TypeError) as e:
             raise UsageError(str(e)) from e

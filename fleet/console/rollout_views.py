@@ -25,6 +25,7 @@ from sqlmodel import Session, col, select
 from fleet import crud
 from fleet.models import RolloutRecord
 from fleet.rollout_codec import decode_plan, decode_rollout, encode_plan
+from fleet.rollout_options import RolloutOptions
 from fleet.rollout_service import ACTIVE, RolloutService
 from fleet.rollouts import TRANSITIONS, DeviceState, Gates, RolloutState, preview
 
@@ -169,13 +170,7 @@ class RolloutViews:
         model: str,
         version: str,
         target: str = "",
-        stages: list[float] | None = None,
-        soak_s: float = 600.0,
-        max_failure_rate: float = 0.05,
-        max_in_flight: int = 100,
-        revert_on_fail: bool = True,
-        device_timeout_s: float = 3600.0,
-        gates: Mapping[str, Any] | None = None,
+        options: RolloutOptions,
     ) -> dict[str, Any]:
         """Preview a plan built as :meth:`RolloutService.create` builds it, storing nothing.
 
@@ -188,13 +183,7 @@ class RolloutViews:
             model=model,
             version=version,
             target=target,
-            stages=stages,
-            soak_s=soak_s,
-            max_failure_rate=max_failure_rate,
-            max_in_flight=max_in_flight,
-            revert_on_fail=revert_on_fail,
-            device_timeout_s=device_timeout_s,
-            gates=gates,
+            options=options,
         )
         previous = plan.previous_version
         now = crud.now_utc()

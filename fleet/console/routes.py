@@ -44,7 +44,7 @@ from pydantic import BaseModel, Field, ValidationError
 from sqlmodel import Session
 
 from fleet import crud
-from fleet.api import SessionDep, require
+from fleet.api import RolloutRequest, SessionDep, require, rollout_defaults
 from fleet.console import queries
 from fleet.console.live import (
     TICKET_TTL_S,
@@ -199,29 +199,23 @@ def rollout(rollout_id: str, request: Request, session: SessionDep, _: Viewer) -
     return _found(topic_snapshot, session, _views(request), f"rollout/{rollout_id}")
 
 
-class PlanIn(BaseModel):
-    """The fields of ``POST /api/v1/rollouts`` that shape the plan (same names and defaults)."""
-
-    model: str = Field(min_length=1, max_length=64)
-    version: str = Field(min_length=1, max_length=64)
-    target: str = Field(default="", max_length=512)
-    stages: list[float] | None = Field(default=None, max_length=20)
-    soak_s: float = 600.0
-    max_failure_rate: float = 0.05
-    max_in_flight: int = 100
-    revert_on_fail: bool = True
-    device_timeout_s: float = 3600.0
-    gates: dict[str, Any] | None = None
-
-
 @router.post("/rollouts/preview")
-def preview(body: PlanIn, request: Request, session: SessionDep, _: Viewer) -> dict[str, Any]:
+def preview(
+    body: RolloutRequest, request: Request, session: SessionDep, _: Viewer
+) -> dict[str, Any]:
     """Stage membership per hardware class and the blast radius of a plan, storing nothing.
 
+    The body is that of ``POST /api/v1/rollouts`` (options left out take the fleet's defaults).
     The answer's ``plan`` can be sent as ``plan`` to ``POST /api/v1/rollouts`` to start exactly
     the previewed cohorts."""
     try:
-        return _views(request).dry_run(session, **body.model_dump())
+        return _views(request).dry_run(
+            session,
+            model=body.model,
+            version=body.version,
+            target=body.target,
+            options=body.options(rollout_defaults(request)),
+        )
     except EdgefleetError as e:
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(e)) from e
 

@@ -10,6 +10,7 @@ import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
@@ -494,3 +495,76 @@ def test_device_and_group_pins_hold_devices_back_from_rollouts(app_client):
     actions = [e["action"] for e in app_client.get("/api/v1/audit").json()["entries"]]
     for action in ("device.group", "group.pin", "device.pin", "device.unpin", "group.unpin"):
         assert action in actions
+
+
+def test_a_rollout_takes_the_fleet_defaults_for_what_its_request_leaves_out(
+    tmp_path, db_url, keys, monkeypatch
+):
+    monkeypatch.setenv("EDGEFLEET_ADMIN_TOKEN", "admin-secret-for-tests")
+    monkeypatch.setenv(
+        "EDGEFLEET_FLEET_ROLLOUT_DEFAULTS",
+        '{"stages": [34, 100], "soak_s": 2, "max_failure_rate": 0,'
+        ' "gates": {"min_sample": 4, "max_error_rate": null, "max_p95_ratio": 3}}',
+    )
+    settings = FleetSettings(db=db_url, keys=keys.path, data_dir=tmp_path / "fleet")
+    with TestClient(create_app(settings)) as client:
+        client.headers["Authorization"] = "Bearer admin-secret-for-tests"
+        viewer = token(client, "defaults-viewer", "viewer")
+        defaults = client.get("/api/v1/rollout-defaults", headers=viewer).json()
+        assert defaults["stages"] == [34.0, 100.0]
+        assert defaults["gates"]["max_error_rate"] is None
+        assert defaults["gates"]["max_crash_rate"] == 0.05  # left out of the JSON: built-in
+        for version in ("1.0.0", "2.0.0"):
+            bundle = signed_bundle(tmp_path, keys, version)
+            assert client.post("/api/v1/releases", content=bundle.read_bytes()).status_code == 201
+
+        def plan(rollout: dict[str, Any]) -> dict[str, Any]:
+            page = client.get(f"/api/v1/console/rollouts/{rollout['id']}").json()
+            return {"stages": [s["percent"] for s in page["stages"]], **page["plan"]}
+
+        first = client.post("/api/v1/rollouts", json={"model": "tiny", "version": "1.0.0"})
+        assert first.status_code == 201, first.text
+        got = plan(first.json())
+        assert got["stages"] == [34.0, 100.0]
+        assert got["gates"]["min_install_success"] == 1.0
+        assert (got["gates"]["min_sample"], got["gates"]["max_p95_ratio"]) == (4, 3.0)
+        assert got["gates"]["max_error_rate"] is None
+        assert client.post(f"/api/v1/rollouts/{first.json()['id']}/abort").status_code == 200
+
+        # A request's gates change only the thresholds they name; null turns a check off.
+        body = {
+            "model": "tiny",
+            "version": "2.0.0",
+            "stages": [100],
+            "max_in_flight": 7,
+            "gates": {"min_sample": 1, "max_crash_rate": None},
+        }
+        second = client.post("/api/v1/rollouts", json=body)
+        assert second.status_code == 201, second.text
+        got = plan(second.json())
+        assert (got["stages"], got["max_in_flight"]) == ([100.0], 7)
+        assert got["gates"]["min_sample"] == 1
+        assert got["gates"]["max_crash_rate"] is None
+        assert got["gates"]["max_p95_ratio"] == 3.0  # the fleet's, not the built-in 1.25
+        assert got["gates"]["max_error_rate"] is None
+
+        bad = client.post(
+            "/api/v1/rollouts", json={"model": "tiny", "version": "2.0.0", "soak_s": -1}
+        )
+        assert bad.status_code == 422
+        (problem,) = bad.json()["detail"]
+        assert problem["loc"] == ["body", "soak_s"]
+        assert problem["msg"] == "Input should be greater than or equal to 0"
+        assert problem["input"] == -1
+        unknown = client.post(
+            "/api/v1/rollouts",
+            json={"model": "tiny", "version": "2.0.0", "gates": {"min_samples": 1}},
+        )
+        assert unknown.status_code == 422
+        assert unknown.json()["detail"][0]["loc"] == ["body", "gates", "min_samples"]
+
+
+def test_fleet_rollout_defaults_are_checked_at_start(monkeypatch):
+    monkeypatch.setenv("EDGEFLEET_FLEET_ROLLOUT_DEFAULTS", '{"stages": [10, 90]}')
+    with pytest.raises(ValueError, match="the last stage must be percent=100"):
+        FleetSettings()

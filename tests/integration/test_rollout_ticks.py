@@ -15,6 +15,7 @@ from fleet.db import make_engine, migrate
 from fleet.models import Device, DeviceModel, RolloutRecord
 from fleet.releases import publish_release
 from fleet.rollout_codec import decode_rollout
+from fleet.rollout_options import RolloutOptions
 from fleet.rollout_service import RolloutService
 from fleet.rollouts import DeviceState
 from shared.protocol import DeploymentEvent
@@ -69,7 +70,11 @@ def fleet(db_url, keys, tmp_path) -> Iterator[tuple[RolloutService, list[str], s
         )
         session.commit()
         record = service.create(
-            session, model="tiny", version="2.0.0", actor="test", stages=[100], max_in_flight=2
+            session,
+            model="tiny",
+            version="2.0.0",
+            actor="test",
+            options=RolloutOptions(stages=[100], max_in_flight=2),
         )
         session.commit()
         rollout_id = record.id

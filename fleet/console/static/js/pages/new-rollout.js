@@ -1,4 +1,5 @@
-// New rollout: a form over a release. Every change asks the server for a dry-run preview
+// New rollout: a form over a release, its fields filled from the fleet's rollout defaults
+// (GET /api/v1/rollout-defaults). Every change asks the server for a dry-run preview
 // (POST /api/v1/console/rollouts/preview): stage membership per hardware class and the
 // worst-case blast radius. "Start" sends the previewed plan itself, so the rollout gets exactly
 // the previewed cohorts; it is enabled only while the preview matches the form.
@@ -21,6 +22,11 @@ function numberInput(value, { min, max, step = "any", required = true } = {}) {
 
 function optionalNumber(value) {
   return value === "" ? null : Number(value);
+}
+
+/** A share (0..1) as the form's percent; "" for null (the check is off). */
+function percent(share) {
+  return share === null ? "" : +(share * 100).toFixed(4);
 }
 
 /** The body of POST /api/v1/rollouts (and of the preview) from the form's fields. */
@@ -75,7 +81,12 @@ export async function render(ctx) {
     ctx.view.append(problem(`Starting a rollout needs the operator role; this token has ${ctx.user.role}.`));
     return;
   }
-  const [{ releases }, facets] = await Promise.all([ctx.api.get("/api/v1/console/releases"), ctx.api.get("/api/v1/console/overview")]);
+  const [{ releases }, facets, defaults] = await Promise.all([
+    ctx.api.get("/api/v1/console/releases"),
+    ctx.api.get("/api/v1/console/overview"),
+    ctx.api.get("/api/v1/rollout-defaults"),
+  ]);
+  const gates = defaults.gates;
   if (!releases.length) {
     ctx.view.append(problem("No release is published yet: publish one first."));
     return;
@@ -91,7 +102,7 @@ export async function render(ctx) {
   );
   const targets = h("datalist", { id: "target-options" }, facets.hardware_classes.map((c) => h("option", { value: `hardware_class=${c.name}` })));
   const targetInput = h("input", { type: "text", list: "target-options", placeholder: "every device", autocomplete: "off" });
-  const revert = h("input", { type: "checkbox", id: "revert_on_fail", name: "revert_on_fail", checked: true });
+  const revert = h("input", { type: "checkbox", id: "revert_on_fail", name: "revert_on_fail", checked: defaults.revert_on_fail });
   const start = h("button", { type: "submit", class: "primary", id: "start-rollout", disabled: true }, "Start rollout");
   const previewBox = h("section", { class: "card", id: "preview", "aria-live": "polite", "aria-labelledby": "preview-title" }, h("h2", { id: "preview-title" }, "Preview"), h("p", { class: "muted" }, "Computing…"));
   const message = h("p", { class: "error", role: "alert", id: "form-error" });
@@ -104,25 +115,25 @@ export async function render(ctx) {
       h("legend", {}, "What and where"),
       field("release", "Release", releaseSelect),
       field("target", "Target", targetInput, "Empty for every device, or hardware_class=…, group=…, device=… joined by commas."),
-      field("stages", "Stages (cumulative %)", h("input", { type: "text", value: "5, 25, 100", required: true }), "The share of the target reached by the end of each stage; the last is 100."),
+      field("stages", "Stages (cumulative %)", h("input", { type: "text", value: defaults.stages.join(", "), required: true }), "The share of the target reached by the end of each stage; the last is 100."),
     ),
     h(
       "fieldset",
       {},
       h("legend", {}, "Pace"),
-      field("soak_s", "Soak per stage (s)", numberInput(600, { min: 0 })),
-      field("max_in_flight", "Devices in flight at most", numberInput(100, { min: 1, step: 1 })),
-      field("device_timeout_s", "Device time-out (s)", numberInput(3600, { min: 1 })),
+      field("soak_s", "Soak per stage (s)", numberInput(defaults.soak_s, { min: 0 })),
+      field("max_in_flight", "Devices in flight at most", numberInput(defaults.max_in_flight, { min: 1, step: 1 })),
+      field("device_timeout_s", "Device time-out (s)", numberInput(defaults.device_timeout_s, { min: 1 })),
     ),
     h(
       "fieldset",
       {},
       h("legend", {}, "Gates"),
-      field("max_failure_pct", "Install failures at most (%)", numberInput(5, { min: 0, max: 100 })),
-      field("max_crash_pct", "Crash rate at most (%)", numberInput(5, { min: 0, max: 100, required: false }), "Empty turns the check off."),
-      field("max_error_pct", "Inference error rate at most (%)", numberInput(2, { min: 0, max: 100, required: false }), "Empty turns the check off."),
-      field("max_p95_ratio", "p95 latency ratio at most", numberInput(1.25, { min: 0, required: false }), "New version over the previous one; empty turns the check off."),
-      field("min_sample", "Devices a check needs", numberInput(5, { min: 1, step: 1 })),
+      field("max_failure_pct", "Install failures at most (%)", numberInput(percent(defaults.max_failure_rate), { min: 0, max: 100 })),
+      field("max_crash_pct", "Crash rate at most (%)", numberInput(percent(gates.max_crash_rate), { min: 0, max: 100, required: false }), "Empty turns the check off."),
+      field("max_error_pct", "Inference error rate at most (%)", numberInput(percent(gates.max_error_rate), { min: 0, max: 100, required: false }), "Empty turns the check off."),
+      field("max_p95_ratio", "p95 latency ratio at most", numberInput(gates.max_p95_ratio ?? "", { min: 0, required: false }), "New version over the one it replaces (off for a model's first release); empty turns the check off."),
+      field("min_sample", "Devices a check needs", numberInput(gates.min_sample, { min: 1, step: 1 })),
       h("div", { class: "field checkbox" }, revert, h("label", { for: "revert_on_fail" }, "Revert the devices when a gate fails")),
     ),
     targets,
