@@ -83,7 +83,9 @@ and since the last report of its cohort. The cohort is the stage's dispatched de
   window of devices that moved on); the median of these ratios, and each class's ratio of
   medians when both sides have ``min_sample`` devices, must be ``<= max_p95_ratio``. When a
   class has no control device left (a last stage of 100%), the control median measured at this
-  rollout's latest earlier gate stands in for it (marked ``control_from_earlier_stage``).
+  rollout's latest earlier gate stands in for it (marked ``control_from_earlier_stage``). A plan
+  without ``previous_version`` (a model's first release) has nothing to compare with: the check
+  is ``off``, and ``figures["off_because"]`` and a passing verdict's reason say why.
 
 A stage whose install check must fail whatever its unfinished devices do (counting each as a
 success: overall or on one hardware class, with ``min_sample`` finished) fails at once, without
@@ -1039,9 +1041,12 @@ class _Checks:
         self.status: dict[str, str] = {}
         self.failures: list[str] = []
         self.gaps: list[str] = []
+        self.off_because: dict[str, str] = {}
 
-    def off(self, name: str) -> None:
+    def off(self, name: str, why: str | None = None) -> None:
         self.status[name] = "off"
+        if why is not None:
+            self.off_because[name] = why
 
     def unsure(self, name: str, why: str) -> None:
         self.status[name] = "inconclusive"
@@ -1322,6 +1327,8 @@ def _latency(
     limit = g.max_p95_ratio
     if limit is None:
         checks.off("latency")
+    elif plan.previous_version is None:
+        checks.off("latency", f"no earlier version of {plan.model} to compare with")
     elif len(normalized) < g.min_sample or control_n < g.min_sample:
         checks.unsure(
             "latency",
@@ -1383,6 +1390,8 @@ def _evaluate(
         checks.status["errors"] = checks.status["latency"] = "not evaluated"
     g = plan.gates
     figures["checks"] = dict(checks.status)
+    if checks.off_because:
+        figures["off_because"] = dict(checks.off_because)
     figures["thresholds"] = {
         "min_install_success": g.min_install_success,
         "max_crash_rate": g.max_crash_rate,
@@ -1398,7 +1407,9 @@ def _evaluate(
         reason = "; ".join(checks.gaps)
     else:
         reason = "every check passed: " + ", ".join(
-            f"{name} {status}" for name, status in checks.status.items()
+            f"{name} {status}"
+            + (f" ({checks.off_because[name]})" if name in checks.off_because else "")
+            for name, status in checks.status.items()
         )
     return verdict, figures, reason
 

@@ -975,6 +975,30 @@ def test_latency_gate_is_inconclusive_without_a_control_group():
     assert r.rollout.state is RolloutState.PAUSED
 
 
+def test_a_first_release_has_no_latency_check_and_says_why():
+    """No device runs an earlier version: nothing to compare latency with, so the check is off
+    (a first rollout completes instead of pausing for a control group that cannot exist)."""
+    plan = make_plan(
+        previous_version=None,
+        stages=(Stage(percent=100, soak_s=0),),
+        gates=Gates(min_sample=2, max_error_rate=None, sample_wait_s=60),
+    )
+    devices = [replace(v, running_version=None) for v in make_fleet(4)]
+    r = step(plan, Rollout(), devices=devices, now=0.0)
+    ids = dispatched(r)
+    new = {(d, V2): DeviceMetrics(100, 0, 12.0) for d in ids}
+    devices = running(devices, ids, V2, 10.0)
+    r = step(plan, r.rollout, devices=devices, events=committed(ids), metrics=new, now=10.0)
+    decision = decisions(r)[0]
+    assert decision.verdict == "pass", decision.reason
+    assert decision.figures["checks"]["latency"] == "off"
+    assert decision.figures["off_because"] == {
+        "latency": "no earlier version of cnn to compare with"
+    }
+    assert decision.reason.endswith("latency off (no earlier version of cnn to compare with)")
+    assert r.rollout.state is RolloutState.COMPLETED
+
+
 def _first_stage_done(sample_wait_s: float) -> tuple[Plan, StepResult, list[DeviceView], list[str]]:
     """A two-stage rollout whose first stage has just finished installing, with no telemetry."""
     plan = make_plan(

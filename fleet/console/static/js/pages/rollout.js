@@ -29,21 +29,23 @@ function summary(r) {
       h("dt", {}, "Created"),
       h("dd", {}, `${fmtTime(r.created_at)} by ${r.created_by}`),
       h("dt", {}, "Gates"),
-      h("dd", {}, gatesText(r.plan)),
+      h("dd", {}, gatesText(r.plan, r.previous_version)),
     ),
     h("h2", {}, "All target devices"),
     h("div", { id: "overall-progress" }, progressBar(r.devices, { label: "All devices" })),
   );
 }
 
-function gatesText(plan) {
+function gatesText(plan, previousVersion) {
   const g = plan.gates;
   const pct = (v) => (v === null ? "off" : `${+(v * 100).toFixed(2)}%`);
+  // The engine turns the latency check off when there is no earlier version to compare with.
+  const p95 = g.max_p95_ratio === null || previousVersion ? `≤ ${g.max_p95_ratio === null ? "off" : g.max_p95_ratio}` : "off (no earlier version to compare with)";
   return [
     `install success ≥ ${pct(g.min_install_success)}`,
     `crash rate ≤ ${pct(g.max_crash_rate)}`,
     `error rate ≤ ${pct(g.max_error_rate)}`,
-    `p95 ratio ≤ ${g.max_p95_ratio === null ? "off" : g.max_p95_ratio}`,
+    `p95 ratio ${p95}`,
     `min sample ${g.min_sample}`,
     `at most ${plan.max_in_flight} in flight`,
     plan.revert_on_fail ? "revert on a failed gate" : "no automatic revert",
