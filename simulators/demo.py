@@ -9,6 +9,11 @@
    (:mod:`simulators.virtual`), each running the real agent on a simulated hardware profile;
 5. roll v1 out to all, v2 in stages, v3 in stages, which the gates must halt and revert.
 
+The rollout policy (:func:`demo_policy`) is the fleet's default one, so a rollout names only
+its release (and v1 its single stage). With ``rollouts="console"`` (``--rollouts console``) the
+demo stops after step 4, prints what to do in the web console, and a person runs step 5 there;
+SIGINT or SIGTERM ends it with the same summary of the rollouts that were run.
+
 v3 is the bad release: on the ``arm-npu`` hardware class it computes wrong outputs (so the
 devices' self-test refuses it there), and everywhere else it is correct but six times as slow
 (so the latency gate, which compares it with the devices still on v2, refuses it too once it
@@ -46,8 +51,9 @@ from typing import Any, Literal
 import httpx
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
+from fleet.rollout_options import GateOptions, RolloutOptions
 from shared.bundle import build_bundle, inspect_bundle, write_signed_copy
-from shared.cli.common import console
+from shared.cli.common import console, err_console
 from shared.errors import UsageError
 from shared.keystore import KeyStore
 from shared.trust import sign_release
@@ -67,17 +73,15 @@ __all__ = [
 ]
 
 VERSIONS = ("1.0.0", "2.0.0", "3.0.0")
-STAGES: tuple[list[float], ...] = (
-    [100],
-    [34, 100],
-    [34, 100],
-)  # v1 to all at once, v2 and v3 in two stages
+FIRST_STAGES = [100.0]  # v1 to all at once; v2 and v3 in the policy's stages (demo_policy)
+MAX_P95_RATIO = 3.0  # the latency gate (see the module docstring)
 # How v3 misbehaves on the simulated hardware (see the module docstring).
-MAX_P95_RATIO = 3.0  # the latency gate of v2 and v3 (see the module docstring)
 BAD_V3 = "wrong-output:version=3.0.0:class=arm-npu,slow:version=3.0.0:factor=6"
 ADMIN_TOKEN_ENV = "EDGEFLEET_ADMIN_TOKEN"  # noqa: S105 - the variable name, not a secret
 REVERT_WAIT_S = 60.0  # how long the summary waits for a halted release's devices to revert
 BROKER_CHOICES = ("auto", "mosquitto", "embedded")
+ROLLOUT_CHOICES = ("auto", "console")  # who starts the rollouts: the demo, or a person
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 # Where Debian and source builds install mosquitto, outside a normal user's PATH.
 MOSQUITTO_DIRS = ("/usr/sbin", "/usr/local/sbin")
 
@@ -91,6 +95,7 @@ class DemoOptions:
     port: int = 8080
     timeout_s: float = 300.0
     broker: str = "auto"  # one of BROKER_CHOICES
+    rollouts: str = "auto"  # one of ROLLOUT_CHOICES
 
 
 @dataclass(frozen=True)
@@ -109,6 +114,27 @@ class DemoBroker:
         """One line for the user: which broker, where, with which security."""
         version = "5" if self.mqtt_protocol == 5 else "3.1.1"
         return f"{self.name}, MQTT {version} over TLS on 127.0.0.1:{self.port}: {self.security}"
+
+
+def demo_policy(devices: int) -> RolloutOptions:
+    """The demo's rollout policy for a fleet of ``devices``, which the fleet takes as its
+    defaults: two stages, a short soak, no install failure tolerated, a revert when a gate
+    fails, and the latency gate of the module docstring (no error-rate check: the simulated
+    runtime makes no inference errors worth judging)."""
+    return RolloutOptions(
+        stages=[34.0, 100.0],
+        soak_s=2.0,
+        max_failure_rate=0.0,
+        revert_on_fail=True,
+        device_timeout_s=120.0,
+        gates=GateOptions(
+            # A third of the devices: a stage of 34% has that many, and a few devices' p95 is
+            # too noisy to judge a release by.
+            min_sample=max(1, devices // 3),
+            max_p95_ratio=MAX_P95_RATIO,
+            max_error_rate=None,
+        ),
+    )
 
 
 def _free_port() -> int:
@@ -297,10 +323,12 @@ def run_fleet(
     *,
     database_url: str | None = None,
     mqtt_protocol: Literal[5, 311] = 5,
+    rollout_defaults: RolloutOptions | None = None,
 ) -> Iterator[str]:
     """The fleet service in this process (SQLite under ``work`` by default); yields its URL.
 
-    ``mqtt_protocol`` is the MQTT version it speaks: 5, or 311 for the embedded broker.
+    ``mqtt_protocol`` is the MQTT version it speaks: 5, or 311 for the embedded broker;
+    ``rollout_defaults`` the fleet's rollout policy (None: the built-in one).
     """
     import uvicorn
 
@@ -328,6 +356,7 @@ def run_fleet(
         db=database_url,
         ingest_flush_s=0.1,
         mqtt_protocol=mqtt_protocol,
+        rollout_defaults=rollout_defaults or RolloutOptions(),
     )
     server = uvicorn.Server(
         uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning")
@@ -376,27 +405,16 @@ def _wait(check: Any, timeout: float, what: str) -> Any:
 def _rollout(
     client: httpx.Client,
     version: str,
-    stages: list[float],
     progress: Progress | None,
     *,
     timeout: float,
-    min_sample: int,
+    stages: list[float] | None = None,
 ) -> dict[str, Any]:
-    body = {
-        "model": "cnn",
-        "version": version,
-        "stages": stages,
-        "soak_s": 2.0,
-        "max_failure_rate": 0.0,
-        "revert_on_fail": True,
-        "device_timeout_s": 120,
-        # The first release has no control group to compare latency with.
-        "gates": {
-            "min_sample": min_sample,
-            "max_p95_ratio": None if version == VERSIONS[0] else MAX_P95_RATIO,
-            "max_error_rate": None,
-        },
-    }
+    """Start a rollout of cnn ``version`` under the fleet's default policy (``stages``, if
+    given, instead of the default ones) and follow it until it settles."""
+    body: dict[str, Any] = {"model": "cnn", "version": version}
+    if stages is not None:
+        body["stages"] = stages
     response = client.post("/api/v1/rollouts", json=body)
     if response.status_code != 201:
         raise UsageError(f"rollout of {version} refused: {response.text}")
@@ -419,6 +437,73 @@ def _rollout(
 
     doc: dict[str, Any] = _wait(settled, timeout, f"rollout {version}")
     return doc
+
+
+def _run_story(client: httpx.Client, sim: Simulation, options: DemoOptions) -> list[dict[str, Any]]:
+    """The rollouts of the story, one after the other; each one's status once it settled."""
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TimeElapsedColumn(),
+        console=console,
+        disable=options.headless or options.as_json,
+    ) as progress:
+        docs = []
+        for version in VERSIONS:
+            stages = FIRST_STAGES if version == VERSIONS[0] else None
+            docs.append(
+                _rollout(client, version, progress, timeout=options.timeout_s, stages=stages)
+            )
+            if version != VERSIONS[-1] and docs[-1]["state"] != "completed":
+                # v1 and v2 are good releases: if the gates stopped one, say why.
+                summary = _summary(docs[-1], [])
+                raise UsageError(
+                    f"the good release {version} was {summary['state']} by the "
+                    f"gates, so the demo cannot go on: {summary['halt_reason']}"
+                )
+    # A halted rollout's devices revert after the halt: report them once they have.
+    halted = {doc["version"] for doc in docs if doc["state"] == "halted"}
+    deadline = time.monotonic() + REVERT_WAIT_S
+    while halted & set(_device_versions(sim)) and time.monotonic() < deadline:
+        time.sleep(0.3)
+    return docs
+
+
+def _console_steps(url: str, token: str, policy: RolloutOptions) -> str:
+    """What an operator does in the console to tell the story."""
+    stages = ", ".join(f"{p:g}" for p in policy.stages)
+    return "\n".join(
+        (
+            f"Run the rollouts in the console: open {url}/ and log in with the token {token}",
+            "Rollouts > New rollout; the form starts from the demo's policy (the fleet's "
+            f"defaults: stages {stages}, soak {policy.soak_s:g} s, gates need "
+            f"{policy.gates.min_sample} devices, p95 ratio at most {policy.gates.max_p95_ratio:g})",
+            "  1. cnn 1.0.0 with stages 100: every device gets it at once",
+            f"  2. cnn 2.0.0 with the default stages ({stages}): it completes stage by stage",
+            "  3. cnn 3.0.0 with the default stages: the first stage's gate halts it and its "
+            "devices revert to 2.0.0",
+            "Ctrl-C stops the demo and prints a summary of the rollouts.",
+        )
+    )
+
+
+def _wait_for_stop() -> None:
+    """Block until SIGINT (Ctrl-C) or SIGTERM; the handlers before are restored after."""
+    stop = threading.Event()
+    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in STOP_SIGNALS}
+    try:
+        stop.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _rollouts_of_cnn(client: httpx.Client) -> list[dict[str, Any]]:
+    """The status of every rollout of cnn, oldest first."""
+    response = client.get("/api/v1/rollouts")
+    response.raise_for_status()
+    return [doc for doc in reversed(response.json()) if doc["model"] == "cnn"]
 
 
 def _summary(doc: dict[str, Any], events: list[dict[str, Any]]) -> dict[str, Any]:
@@ -447,6 +532,20 @@ def _summary(doc: dict[str, Any], events: list[dict[str, Any]]) -> dict[str, Any
 
 
 def run_demo(options: DemoOptions) -> dict[str, Any]:
+    """Run the demo (see the module docstring); return its summary.
+
+    Raises:
+        UsageError: a bad choice of options, or a step of the story that did not happen.
+    """
+    if options.rollouts not in ROLLOUT_CHOICES:
+        raise UsageError(
+            f"--rollouts must be one of {', '.join(ROLLOUT_CHOICES)}, got {options.rollouts!r}"
+        )
+    by_hand = options.rollouts == "console"
+    if by_hand and options.headless:
+        raise UsageError(
+            "--headless cannot go with --rollouts console: a person runs the rollouts there"
+        )
     work = options.work_dir
     if work.exists():
         shutil.rmtree(work)
@@ -455,6 +554,8 @@ def run_demo(options: DemoOptions) -> dict[str, Any]:
     say("[bold]edgefleet demo[/]: building the example model and three signed releases")
     keys = make_releases(work)
     os.environ.setdefault(ADMIN_TOKEN_ENV, "demo-admin-" + os.urandom(8).hex())
+    token = os.environ[ADMIN_TOKEN_ENV]
+    policy = demo_policy(options.devices)
     with start_broker(work, options.broker) as broker:
         say(f"broker: {broker.description}")
         with run_fleet(
@@ -464,15 +565,14 @@ def run_demo(options: DemoOptions) -> dict[str, Any]:
             broker.ca_file,
             options.port,
             mqtt_protocol=broker.mqtt_protocol,
+            rollout_defaults=policy,
         ) as url:
             say(
                 f"fleet service: console at {url}/ (API docs at {url}/docs); "
-                f"log in with the admin token {os.environ[ADMIN_TOKEN_ENV]}"
+                f"log in with the admin token {token}"
             )
             client = httpx.Client(
-                base_url=url,
-                timeout=60,
-                headers={"Authorization": f"Bearer {os.environ[ADMIN_TOKEN_ENV]}"},
+                base_url=url, timeout=60, headers={"Authorization": f"Bearer {token}"}
             )
             for version in VERSIONS:
                 bundle = work / "releases" / f"cnn-{version}.bundle"
@@ -480,7 +580,7 @@ def run_demo(options: DemoOptions) -> dict[str, Any]:
             sim = _DemoSimulation(
                 SimulationOptions(
                     fleet_url=url,
-                    token=os.environ[ADMIN_TOKEN_ENV],
+                    token=token,
                     broker=f"mqtts://127.0.0.1:{broker.port}",
                     devices=options.devices,
                     work_dir=work / "devices",
@@ -509,45 +609,18 @@ def run_demo(options: DemoOptions) -> dict[str, Any]:
                     options.timeout_s,
                     "the devices to come online",
                 )
-                with Progress(
-                    TextColumn("{task.description}"),
-                    BarColumn(),
-                    TextColumn("{task.completed}/{task.total}"),
-                    TimeElapsedColumn(),
-                    console=console,
-                    disable=options.headless or options.as_json,
-                ) as progress:
-                    # A third of the devices: a stage of 34% has that many, and a few devices'
-                    # p95 is too noisy to judge a release by (see the module docstring).
-                    min_sample = max(1, len(devices) // 3)
-                    docs = []
-                    for version, stages in zip(VERSIONS, STAGES, strict=True):
-                        docs.append(
-                            _rollout(
-                                client,
-                                version,
-                                stages,
-                                progress,
-                                timeout=options.timeout_s,
-                                min_sample=min_sample,
-                            )
-                        )
-                        if version != VERSIONS[-1] and docs[-1]["state"] != "completed":
-                            # v1 and v2 are good releases: if the gates stopped one, say why.
-                            summary = _summary(docs[-1], [])
-                            raise UsageError(
-                                f"the good release {version} was {summary['state']} by the "
-                                f"gates, so the demo cannot go on: {summary['halt_reason']}"
-                            )
-                # A halted rollout's devices revert after the halt: report them once they have.
-                halted = {doc["version"] for doc in docs if doc["state"] == "halted"}
-                deadline = time.monotonic() + REVERT_WAIT_S
-                while halted & set(_device_versions(sim)) and time.monotonic() < deadline:
-                    time.sleep(0.3)
+                if by_hand:
+                    # The steps go to stderr with --json, which keeps stdout for the summary.
+                    tell = err_console.print if options.as_json else console.print
+                    tell(_console_steps(url, token, policy))
+                    _wait_for_stop()
+                    docs = _rollouts_of_cnn(client)
+                else:
+                    docs = _run_story(client, sim, options)
                 events = [
                     e for d in devices for e in client.get(f"/api/v1/devices/{d}").json()["events"]
                 ]
-                summary = {
+                summary: dict[str, Any] = {
                     "devices": len(devices),
                     "fleet_url": url,
                     "broker": {
@@ -564,11 +637,9 @@ def run_demo(options: DemoOptions) -> dict[str, Any]:
                         f"{r['devices_updated']} updated, failed {r['devices_failed'] or 'none'}, "
                         f"{r['ever_ran']} ever ran it"
                     )
-                if not (options.headless or options.as_json):
+                if not (by_hand or options.headless or options.as_json):
                     say(f"running: console at {url}/ , API docs at {url}/docs  (Ctrl-C to stop)")
-                    stop = threading.Event()
-                    signal.signal(signal.SIGINT, lambda *_: stop.set())
-                    stop.wait()
+                    _wait_for_stop()
                 return summary
             finally:
                 sim.stop()

@@ -29,11 +29,20 @@ def demo(
             "mosquitto, or embedded (amqtt: MQTT 3.1.1, no packet size limit)."
         ),
     ] = "auto",
+    rollouts: Annotated[
+        str,
+        typer.Option(
+            help="auto (the demo runs the three rollouts) or console (you run them in the web "
+            "console; the demo prints the steps and waits for Ctrl-C)."
+        ),
+    ] = "auto",
 ) -> None:
     """Run the whole system locally: broker, fleet service, devices, three staged rollouts.
 
     v1 goes to every device, v2 in stages, and a bad v3 in stages, which the gates halt and
-    revert. Keeps running until Ctrl-C (or exits with --headless / --json).
+    revert. Keeps running until Ctrl-C (or exits with --headless / --json). With --rollouts
+    console a person starts the rollouts from the web console, and Ctrl-C ends the demo with
+    the summary.
     """
     from shared.errors import UsageError
     from simulators.demo import DemoOptions, run_demo
@@ -48,6 +57,7 @@ def demo(
             as_json=as_json,
             port=port,
             broker=broker,
+            rollouts=rollouts,
         )
     )
     if as_json:
