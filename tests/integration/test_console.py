@@ -8,7 +8,8 @@ deployment events when the test says so, so the test decides when the rollout mo
 The story: an operator logs in, creates a rollout from the form (after its preview), watches the
 progress move without a reload, pauses it and finds the pause in the audit log; a viewer sees no
 action button and the API refuses the action too. Each page is saved as a screenshot in
-``$EDGEFLEET_CONSOLE_ARTIFACTS`` (default ``test-artifacts/console/``).
+``$EDGEFLEET_CONSOLE_ARTIFACTS`` (default ``test-artifacts/console/``); the browser helpers are in
+:mod:`tests.integration.console_helpers`.
 
 Waits use Playwright's own waiting with generous timeouts; nothing asserts how long a step took.
 The endpoints behind the pages are also checked directly, on SQLite and PostgreSQL.
@@ -18,27 +19,33 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
 import re
 import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 import uvicorn
 from fastapi.testclient import TestClient
-from playwright.sync_api import Browser, Page, expect, sync_playwright
+from playwright.sync_api import Browser, expect
 
 from fleet.app import create_app
 from fleet.config import FleetSettings
 from shared.protocol import device_topic
 from tests.integration import test_fleet as fleet_tests
 from tests.integration.conftest import free_port
+from tests.integration.console_helpers import (
+    chromium,
+    log_in,
+    new_page,
+    shoot,
+    show,
+    wait_until,
+)
 from tests.integration.test_fleet import signed_bundle, token
 from tests.pki import issue_client
 
@@ -49,12 +56,7 @@ pytestmark = pytest.mark.integration
 db_url = fleet_tests.db_url
 keys = fleet_tests.keys
 
-CHROMIUM = "/usr/bin/chromium"
 ADMIN = "admin-secret-for-console-tests"
-WAIT_MS = 60_000  # Playwright's waits: generous, the machines are noisy
-REPO = Path(__file__).resolve().parents[2]
-ARTIFACTS = Path(os.environ.get("EDGEFLEET_CONSOLE_ARTIFACTS", REPO / "test-artifacts" / "console"))
-expect.set_options(timeout=WAIT_MS)
 DEVICES = {
     "cons-01": "x86_64-avx2",
     "cons-02": "x86_64-avx2",
@@ -210,53 +212,10 @@ def devices(broker, fleet) -> dict[str, ScriptedDevice]:
     return scripted
 
 
-def wait_until(check: Any, *, what: str, timeout: float = 60.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        result = check()
-        if result:
-            return result
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-# -- the browser ---------------------------------------------------------------------------------
-
-
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Browser]:
-    if not Path(CHROMIUM).exists():
-        pytest.fail(f"{CHROMIUM} is missing: run scripts/services.sh (installs chromium)")
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True)
+    with chromium() as browser:
         yield browser
-        browser.close()
-
-
-def new_page(browser: Browser, width: int = 1280) -> Page:
-    context = browser.new_context(viewport={"width": width, "height": 900})
-    context.set_default_timeout(WAIT_MS)
-    page = context.new_page()
-    page.on("pageerror", lambda error: pytest.fail(f"uncaught error in the page: {error}"))
-    return page
-
-
-def log_in(page: Page, url: str, secret: str) -> None:
-    page.goto(url + "/")
-    page.get_by_label("API token").fill(secret)
-    page.get_by_role("button", name="Log in").click()
-    expect(page.locator("#overview[data-loaded]")).to_be_visible()
-
-
-def shoot(page: Page, name: str) -> None:
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    page.screenshot(path=ARTIFACTS / f"{name}.png", full_page=True)
-
-
-def show(page: Page, url: str, route: str) -> None:
-    page.goto(f"{url}/#{route}")
-    expect(page.locator("main h1")).to_be_visible()
-    expect(page.locator("main .view")).not_to_have_attribute("aria-busy", "true")
 
 
 # -- the story -----------------------------------------------------------------------------------

@@ -40,7 +40,7 @@ function versionsTable(models) {
       h("td", {}, Object.entries(m.states).map(([state, n]) => h("span", { class: "state-count" }, badge(state), ` ${fmtCount(n)}`))),
     ),
   );
-  return tableWrap(null, ["Model", "Version", "Devices", "Install states"], rows);
+  return tableWrap(null, ["Model", "Version", "Devices", "Install states"], rows, { id: "model-versions" });
 }
 
 function draw(content, data) {
