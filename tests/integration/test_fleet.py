@@ -563,6 +563,27 @@ def test_a_rollout_takes_the_fleet_defaults_for_what_its_request_leaves_out(
         assert unknown.status_code == 422
         assert unknown.json()["detail"][0]["loc"] == ["body", "gates", "min_samples"]
 
+        # The command line sends only the options it is given.
+        import contextlib
+
+        from fleet import cli
+        from shared.errors import UsageError
+
+        monkeypatch.setattr(cli, "_client", lambda fleet: contextlib.nullcontext(client))
+        assert client.post(f"/api/v1/rollouts/{second.json()['id']}/abort").status_code == 200
+        with pytest.raises(UsageError) as refused:
+            cli.rollout_create("tiny", "2.0.0", max_in_flight=0)
+        assert str(refused.value) == (
+            "the fleet refused: 422 max_in_flight: Input should be greater than or equal to 1, "
+            "got 0"
+        )
+        cli.rollout_create("tiny", "2.0.0", soak="5s")
+        (latest, *_) = client.get("/api/v1/rollouts").json()
+        got = plan(latest)
+        assert (got["stages"], got["gates"]["min_sample"]) == ([34.0, 100.0], 4)
+        page = client.get(f"/api/v1/console/rollouts/{latest['id']}").json()
+        assert page["stages"][0]["soak_s"] == 5.0
+
 
 def test_fleet_rollout_defaults_are_checked_at_start(monkeypatch):
     monkeypatch.setenv("EDGEFLEET_FLEET_ROLLOUT_DEFAULTS", '{"stages": [10, 90]}')
