@@ -57,6 +57,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import itertools
 import json
 import os
 import resource
@@ -458,6 +459,48 @@ def run_rollout(
     }
 
 
+PHASES = ("received", "downloading", "downloaded", "self_test", "activated", "committed")
+
+
+def phase_times(client: Any, version: str, sample: int = 200) -> dict[str, Any]:
+    """How long a device's deployment of ``version`` spends between its reported phases, from
+    the events of up to ``sample`` devices (every device runs on this machine's clock).
+
+    A device holds one of the rollout's in-flight slots from its order to ``committed``; this
+    says which part of that time is the download, the checks and self-test, or probation.
+    """
+    ids, url = [], "/api/v1/devices?limit=1000"
+    while url:
+        response = client.get(url)
+        response.raise_for_status()
+        ids += [d["id"] for d in response.json()]
+        url = response.links.get("next", {}).get("url", "")
+    step = max(1, len(ids) // sample)
+    gaps: dict[str, list[float]] = {}
+    for device_id in ids[::step][:sample]:
+        events = client.get(f"/api/v1/devices/{device_id}").json()["events"]
+        when = {
+            e["phase"]: datetime.fromisoformat(e["time"])
+            for e in events
+            if e["version"] == version and e["phase"] in PHASES
+        }
+        for a, b in itertools.pairwise(PHASES):
+            if a in when and b in when:
+                gaps.setdefault(f"{a}->{b}", []).append((when[b] - when[a]).total_seconds())
+        if "received" in when and "committed" in when:
+            total = (when["committed"] - when["received"]).total_seconds()
+            gaps.setdefault("received->committed", []).append(total)
+
+    def summary(values: list[float]) -> dict[str, float]:
+        values = sorted(values)
+        return {
+            "p50": round(values[len(values) // 2], 2),
+            "p90": round(values[min(len(values) - 1, int(len(values) * 0.9))], 2),
+        }
+
+    return {"devices": len(ids[::step][:sample]), **{k: summary(v) for k, v in gaps.items()}}
+
+
 def fetched_bytes(client: Any) -> float:
     """``edgefleet_fetch_bytes_total`` from the fleet's Prometheus endpoint."""
     text = client.get("/metrics").text
@@ -586,6 +629,28 @@ def process_cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def child_pid(name: str) -> int | None:
+    """The pid of this process's child whose command name is ``name`` (e.g. the broker)."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text(encoding="ascii")
+        except OSError:  # it ended while we looked
+            continue
+        comm, rest = text[text.index("(") + 1 : text.rindex(")")], text.rsplit(")", 1)[1].split()
+        if comm == name and int(rest[1]) == os.getpid():
+            return int(stat.parent.name)
+    return None
+
+
+def machine_cpu() -> tuple[float, float]:
+    """(busy, total) CPU seconds of the whole machine so far, all cores (``/proc/stat``)."""
+    with open("/proc/stat", encoding="ascii") as f:
+        fields = [int(v) for v in f.readline().split()[1:]]
+    idle = fields[3] + fields[4]  # idle + iowait
+    total = sum(fields[:8])  # guest time is already counted in user
+    return (total - idle) / os.sysconf("SC_CLK_TCK"), total / os.sysconf("SC_CLK_TCK")
+
+
 # -- the benchmark --------------------------------------------------------------------------------
 
 
@@ -703,7 +768,11 @@ def run_benchmark(opts: argparse.Namespace, log: Any) -> dict[str, Any]:
                 log(f"v2, staged {opts.stages}, soak {opts.soak:g} s...")
                 bytes_before, cpu_before = fetched_bytes(client), sim_cpu()
                 fleet_cpu_before = process_cpu_seconds(fleet.pid)
+                broker_pid = child_pid("mosquitto")
+                broker_cpu_before = process_cpu_seconds(broker_pid) if broker_pid else 0.0
+                machine_before = machine_cpu()
                 report["v2"] = run_rollout(client, V2, stages, opts, log)
+                machine_after = machine_cpu()
                 report["v2"]["fleet_sent_mb"] = round(
                     (fetched_bytes(client) - bytes_before) / MB, 1
                 )
@@ -711,7 +780,16 @@ def run_benchmark(opts: argparse.Namespace, log: Any) -> dict[str, Any]:
                 report["v2"]["fleet_cpu_s"] = round(
                     process_cpu_seconds(fleet.pid) - fleet_cpu_before, 1
                 )
+                report["v2"]["broker_cpu_s"] = (
+                    round(process_cpu_seconds(broker_pid) - broker_cpu_before, 1)
+                    if broker_pid
+                    else None
+                )
+                # How much of the machine's CPU was in use: near 1, the rollout is CPU-bound.
+                busy, total = (a - b for a, b in zip(machine_after, machine_before, strict=True))
+                report["v2"]["machine_busy"] = round(busy / total, 3) if total else None
                 log(f"  v2: {report['v2']['state']} in {report['v2']['seconds']} s")
+                report["v2"]["phases_s"] = phase_times(client, V2)
                 versions = Counter(
                     (s["models"].get(MODEL) or {}).get("version") or "none" for s in sim.states()
                 )
@@ -781,7 +859,13 @@ def print_report(report: dict[str, Any]) -> None:
         f"v2 staged {report['stages']} soak {report['soak_s']:g} s, max in flight "
         f"{report['max_in_flight']}: {v2['state']} in {v2['seconds']} s; fleet sent "
         f"{v2['fleet_sent_mb']} MB; simulation CPU {v2['simulation_cpu_s']} s, "
-        f"fleet service CPU {v2['fleet_cpu_s']} s"
+        f"fleet service CPU {v2['fleet_cpu_s']} s, broker CPU {v2['broker_cpu_s']} s; "
+        f"the machine's cores were {v2['machine_busy']:.0%} busy"
+    )
+    phases = v2["phases_s"]
+    print(
+        f"  per device (p50 / p90 s, {phases['devices']} devices): "
+        + ", ".join(f"{k} {v['p50']} / {v['p90']}" for k, v in phases.items() if k != "devices")
     )
     print(f"  {'stage':>6} {'devices':>8} {'started':>8} {'all done':>9} {'passed':>8} {'took':>7}")
     for s in v2["stages"]:

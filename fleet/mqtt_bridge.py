@@ -17,6 +17,13 @@ Ingest is a pipeline of two threads, so that parsing the next batch overlaps sto
   longer than its column, say), the batch is stored again one message at a time, so that only
   the bad message is dropped, with the database's reason in the log.
 
+Fetches are answered by ``fleet-fetch``, in order of kind: TUF metadata and manifests (small,
+and each a device's round trip before it can ask for anything else) before chunks, and in
+arrival order within a kind. Chunk frames are paced (:meth:`shared.mqtt.MqttLink.publish_paced`):
+at most :data:`FETCH_WINDOW_BYTES` wait for the broker's acknowledgement, so the backlog of a
+busy rollout waits as requests in this process, not as frames in paho's queue, where a deploy
+order or a metadata answer published after it would wait behind every byte.
+
 Delivery: paho acknowledges a QoS 1 message to the broker when it has read it, before it is
 stored. Messages read but not yet stored (the link's queue, the batch being filled and up to
 three more) are lost if the process dies; :meth:`MqttBridge.stop` disconnects first and then
@@ -25,6 +32,7 @@ stores everything read.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import queue
 import random
@@ -68,6 +76,9 @@ SHARE_GROUP = "edgefleet-fleet"
 MAX_SEQ = 2**63 - 1  # the database's BIGINT columns
 PENDING_BATCHES = 2  # parsed batches waiting for the store thread; then parsing waits too
 GATHER_S = 0.005  # a batch being filled waits this long for more messages when none is queued
+FETCH_WINDOW_BYTES = 16 << 20  # answer bytes sent but not yet acknowledged by the broker
+FETCH_SEND_TIMEOUT_S = 10.0  # a frame the window does not let out by then is dropped (asked again)
+_FETCH_PRIORITY = {"metadata": 0, "manifest": 0, "chunks": 1}  # lower first
 # PostgreSQL aborts one of two transactions that wait on each other's rows (two replicas storing
 # reports of the same devices) or that conflict: the aborted batch is rolled back whole and
 # stored again, at most this many times.
@@ -114,7 +125,11 @@ class MqttBridge:
             subscriptions=[(subscription, 1)],
         )
         self._stop = threading.Event()
-        self._fetches: queue.Queue[tuple[str, FetchRequest]] = queue.Queue()
+        # (priority, arrival, device, request): see _FETCH_PRIORITY
+        self._fetches: queue.PriorityQueue[tuple[int, int, str, FetchRequest]] = (
+            queue.PriorityQueue()
+        )
+        self._arrivals = itertools.count()
         self._batches: queue.Queue[list[Report] | None] = queue.Queue(maxsize=PENDING_BATCHES)
         self._threads = [
             threading.Thread(target=self._collect, name="fleet-ingest", daemon=True),
@@ -174,9 +189,9 @@ class MqttBridge:
         try:
             device_id, suffix = parse_device_topic(message.topic)
             if suffix == "up/fetch":
-                self._fetches.put(
-                    (device_id, parse_payload(FetchRequest, message.payload, what="fetch request"))
-                )
+                request = parse_payload(FetchRequest, message.payload, what="fetch request")
+                priority = _FETCH_PRIORITY.get(request.kind, 1)
+                self._fetches.put((priority, next(self._arrivals), device_id, request))
                 MESSAGES.labels("fetch").inc()
                 return None
             kind = _KINDS.get(suffix)
@@ -266,7 +281,7 @@ class MqttBridge:
     def _serve_fetches(self) -> None:
         while not self._stop.is_set():
             try:
-                device_id, request = self._fetches.get(timeout=0.5)
+                _, _, device_id, request = self._fetches.get(timeout=0.5)
             except queue.Empty:
                 continue
             if request.kind == "metadata" or self.repo.manifest(request.target or "") is None:
@@ -275,9 +290,11 @@ class MqttBridge:
             for frame in answer_fetch(
                 request, self.repo, max_message=self.settings.max_message_bytes
             ):
-                FETCH_BYTES.inc(len(frame))
-                if not self.link.publish(topic, frame):
+                if not self.link.publish_paced(
+                    topic, frame, window_bytes=FETCH_WINDOW_BYTES, timeout_s=FETCH_SEND_TIMEOUT_S
+                ):
                     break
+                FETCH_BYTES.inc(len(frame))
 
     def _index_new_releases(self) -> None:
         """Index the releases published through another replica since this one started.

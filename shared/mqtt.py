@@ -10,6 +10,10 @@ on its own thread; no edgefleet logic ever runs on paho's network thread. Bulk d
 queue: :meth:`MqttLink.route` puts the payloads of one topic straight on the queue of the thread
 that consumes them (one hand-off per message instead of two). paho's own thread
 (``loop_start``) does the I/O, which is what makes :meth:`MqttLink.publish` safe from any thread.
+Bulk data can also be paced: :meth:`MqttLink.publish_paced` keeps at most a window of bytes
+waiting for the broker's acknowledgement, so a backlog stays with the caller, where it can be
+put in order, rather than in paho's outgoing queue, where everything published after it (a
+control message, a small answer) would wait behind all of it.
 Reconnects use paho's loop with the delay set before each attempt: exponential backoff with full
 jitter, so a fleet does not reconnect in lockstep after a broker restart.
 
@@ -26,6 +30,8 @@ import random
 import socket
 import ssl
 import threading
+import time
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -120,6 +126,10 @@ class MqttLink:
         self._rng = random.Random()  # noqa: S311 - jitter, not cryptography
         self._attempt = 0
         self._taken_over = False
+        # publish_paced's publishes not yet acknowledged, oldest first, and their bytes
+        self._paced: deque[tuple[paho.MQTTMessageInfo, int]] = deque()
+        self._paced_bytes = 0
+        self._paced_lock = threading.Lock()
         self._client = self._make_client()
 
     # -- set-up --------------------------------------------------------------------------------
@@ -253,6 +263,43 @@ class MqttLink:
             return False
         info = self._client.publish(topic, payload, qos=qos, retain=False, properties=properties)
         return info.rc == paho.MQTT_ERR_SUCCESS
+
+    def publish_paced(
+        self, topic: str, payload: bytes, *, window_bytes: int, timeout_s: float = 10.0
+    ) -> bool:
+        """Publish at QoS 1 once fewer than ``window_bytes`` of earlier paced publishes (this
+        one included) wait for the broker's acknowledgement; blocks until then.
+
+        False if the link is down, or the window did not open within ``timeout_s``: the
+        message is not sent, and the peer, which asked for it, asks again. While the link is
+        down the unacknowledged publishes are forgotten (paho resends them on reconnect, or
+        they are lost with the session; either way they no longer hold the window).
+        """
+        deadline = time.monotonic() + timeout_s
+        with self._paced_lock:
+            while self._paced and self._paced_bytes + len(payload) > window_bytes:
+                info, size = self._paced[0]
+                if not info.is_published():
+                    if not self.connected.is_set():
+                        self._paced.clear()
+                        self._paced_bytes = 0
+                        return False
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        return False
+                    with contextlib.suppress(RuntimeError, ValueError):  # disconnected meanwhile
+                        info.wait_for_publish(min(remaining, 0.5))
+                    continue
+                self._paced.popleft()
+                self._paced_bytes -= size
+            if not self.connected.is_set():
+                return False
+            info = self._client.publish(topic, payload, qos=1, retain=False)
+            if info.rc != paho.MQTT_ERR_SUCCESS:
+                return False
+            self._paced.append((info, len(payload)))
+            self._paced_bytes += len(payload)
+            return True
 
     def publish_confirmed(self, topic: str, payload: bytes, *, timeout_s: float = 5.0) -> bool:
         """Publish at QoS 1 and wait for the broker's acknowledgement; False if none came."""

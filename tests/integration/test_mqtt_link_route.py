@@ -1,4 +1,4 @@
-"""MqttLink.route: payloads of one topic go straight to their consumer's queue, others to events."""
+"""MqttLink against a real broker: routed topics skip the event queue; paced publishes."""
 
 from __future__ import annotations
 
@@ -15,18 +15,8 @@ DEVICE = "dev-001"
 
 
 def test_a_routed_topic_skips_the_event_queue_and_the_rest_still_arrive_there(broker):
-    cert, key = broker.pki.client(DEVICE)
     fetch, cmd = device_topic(DEVICE, DOWN_FETCH), device_topic(DEVICE, DOWN_CMD)
-    link = MqttLink(
-        MqttSettings(
-            url=f"mqtts://127.0.0.1:{broker.port}",
-            client_id=DEVICE,
-            ca_file=str(broker.pki.ca_cert),
-            cert_file=str(cert),
-            key_file=str(key),
-        ),
-        subscriptions=[(fetch, 1), (cmd, 1)],
-    )
+    link = _link(broker, DEVICE, subscriptions=[(fetch, 1), (cmd, 1)])
     frames: queue.Queue[bytes] = queue.Queue()
     link.route(fetch, frames)
     link.start()
@@ -43,3 +33,36 @@ def test_a_routed_topic_skips_the_event_queue_and_the_rest_still_arrive_there(br
         assert link.events.empty()  # the routed frames never went through the event queue
     finally:
         link.stop()
+
+
+def _link(broker, client_id: str, subscriptions=()) -> MqttLink:
+    cert, key = broker.pki.client(client_id)
+    return MqttLink(
+        MqttSettings(
+            url=f"mqtts://127.0.0.1:{broker.port}",
+            client_id=client_id,
+            ca_file=str(broker.pki.ca_cert),
+            cert_file=str(cert),
+            key_file=str(key),
+        ),
+        subscriptions=subscriptions,
+    )
+
+
+def test_paced_publishes_all_arrive_in_order_within_the_window_and_stop_with_the_link(broker):
+    fetch = device_topic(DEVICE, DOWN_FETCH)
+    device = broker.client(DEVICE)
+    device.subscribe_and_wait(fetch)
+    fleet = _link(broker, "fleet-svc")
+    fleet.start()
+    window = 256 * 1024
+    payloads = [bytes([i]) * (64 * 1024) for i in range(24)]  # 1.5 MiB through a 256 KiB window
+    try:
+        assert isinstance(fleet.events.get(timeout=10), Connected)
+        for payload in payloads:
+            assert fleet.publish_paced(fetch, payload, window_bytes=window)
+            assert fleet._paced_bytes <= window  # the rest waited for acknowledgements
+        assert [device.expect_message().payload for _ in payloads] == payloads
+    finally:
+        fleet.stop()
+    assert not fleet.publish_paced(fetch, b"late", window_bytes=window)  # link down: refused

@@ -59,3 +59,46 @@ def test_a_report_claiming_another_device_is_refused():
     assert BRIDGE._parse(message) is None
     body["device_id"] = "dev-1"
     assert BRIDGE._parse(Message(topic=message.topic, payload=json.dumps(body).encode()))
+
+
+def test_metadata_and_manifest_requests_are_answered_before_a_backlog_of_chunks():
+    """A device's TUF and manifest round trips must not wait behind other devices' chunks."""
+    bridge = MqttBridge(
+        FleetSettings(broker="mqtt://127.0.0.1:1"), make_engine("sqlite://"), BundleRepository()
+    )
+    requests = [
+        (
+            "dev-1",
+            {
+                "request_id": "c1",
+                "kind": "chunks",
+                "target": "m/1/manifest.json",
+                "chunks": [{"file": "model.onnx", "index": 0}],
+            },
+        ),
+        (
+            "dev-2",
+            {
+                "request_id": "c2",
+                "kind": "chunks",
+                "target": "m/1/manifest.json",
+                "chunks": [{"file": "model.onnx", "index": 1}],
+            },
+        ),
+        ("dev-3", {"request_id": "t3", "kind": "metadata", "name": "timestamp.json"}),
+        (
+            "dev-1",
+            {
+                "request_id": "c3",
+                "kind": "chunks",
+                "target": "m/1/manifest.json",
+                "chunks": [{"file": "model.onnx", "index": 2}],
+            },
+        ),
+        ("dev-4", {"request_id": "m4", "kind": "manifest", "target": "m/1/manifest.json"}),
+    ]
+    for device, body in requests:
+        topic = f"edgefleet/v1/devices/{device}/up/fetch"
+        assert bridge._parse(Message(topic=topic, payload=json.dumps(body).encode())) is None
+    served = [bridge._fetches.get_nowait()[3].request_id for _ in requests]
+    assert served == ["t3", "m4", "c1", "c2", "c3"]  # small first, then in arrival order
