@@ -642,6 +642,15 @@ def child_pid(name: str) -> int | None:
     return None
 
 
+def peak_rss_mb(pid: int) -> float:
+    """The most memory another process has held at once (``VmHWM``), in MB."""
+    with open(f"/proc/{pid}/status", encoding="ascii") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) * 1024 / MB, 1)
+    return 0.0
+
+
 def machine_cpu() -> tuple[float, float]:
     """(busy, total) CPU seconds of the whole machine so far, all cores (``/proc/stat``)."""
     with open("/proc/stat", encoding="ascii") as f:
@@ -785,6 +794,7 @@ def run_benchmark(opts: argparse.Namespace, log: Any) -> dict[str, Any]:
                     if broker_pid
                     else None
                 )
+                report["v2"]["fleet_peak_rss_mb"] = peak_rss_mb(fleet.pid)
                 # How much of the machine's CPU was in use: near 1, the rollout is CPU-bound.
                 busy, total = (a - b for a, b in zip(machine_after, machine_before, strict=True))
                 report["v2"]["machine_busy"] = round(busy / total, 3) if total else None
@@ -859,7 +869,8 @@ def print_report(report: dict[str, Any]) -> None:
         f"v2 staged {report['stages']} soak {report['soak_s']:g} s, max in flight "
         f"{report['max_in_flight']}: {v2['state']} in {v2['seconds']} s; fleet sent "
         f"{v2['fleet_sent_mb']} MB; simulation CPU {v2['simulation_cpu_s']} s, "
-        f"fleet service CPU {v2['fleet_cpu_s']} s, broker CPU {v2['broker_cpu_s']} s; "
+        f"fleet service CPU {v2['fleet_cpu_s']} s (peak memory {v2['fleet_peak_rss_mb']} MB), "
+        f"broker CPU {v2['broker_cpu_s']} s; "
         f"the machine's cores were {v2['machine_busy']:.0%} busy"
     )
     phases = v2["phases_s"]
