@@ -25,6 +25,14 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from shared.bundle_format import (
+    DTYPES,
+    FORMAT_MAJOR,
+    FORMAT_NAME,
+    MANIFEST_MAX_BYTES,
+    MANIFEST_NAME,
+    PRECISIONS,
+)
 from shared.container import check_relative_path
 from shared.errors import ContainerError, ManifestError
 from shared.jsonsafe import load_json
@@ -38,25 +46,6 @@ __all__ = [
     "parse_installed_manifest",
 ]
 
-# The same values as shared.bundle and shared.manifest, which import pydantic (a unit test checks
-# that they agree).
-MANIFEST_NAME = "manifest.json"
-FORMAT_NAME = "edgefleet-bundle"
-FORMAT_MAJOR = "1"
-MANIFEST_MAX_BYTES = 1 << 20
-DTYPES = (
-    "float32",
-    "float16",
-    "bfloat16",
-    "float64",
-    "int8",
-    "uint8",
-    "int16",
-    "int32",
-    "int64",
-    "bool",
-)
-PRECISIONS = ("fp32", "fp16", "bf16", "int8", "mixed")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 

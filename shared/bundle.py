@@ -29,12 +29,10 @@ from typing import BinaryIO
 
 from pydantic import ValidationError
 
+from shared.bundle_format import FORMAT_NAME, FORMAT_VERSION, MANIFEST_MAX_BYTES, MANIFEST_NAME
 from shared.container import ContainerReader, ContainerWriter, Member, check_relative_path
 from shared.errors import BundleError, ContainerError, IntegrityError, ManifestError, UsageError
 from shared.manifest import (
-    FORMAT_NAME,
-    FORMAT_VERSION,
-    MANIFEST_MAX_BYTES,
     Manifest,
     ModelSpec,
     describe_validation_error,
@@ -56,7 +54,6 @@ __all__ = [
 ]
 
 MODEL_SPEC_NAME = "model.json"
-MANIFEST_NAME = "manifest.json"
 METADATA_PREFIX = "metadata/"
 PAYLOAD_PREFIX = "payload/"
 METADATA_MAX_BYTES = 5_000_000  # one TUF metadata file (python-tuf's targets default)

@@ -27,6 +27,13 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from shared.bundle_format import (
+    DTYPES,
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    MANIFEST_MAX_BYTES,
+    PRECISIONS,
+)
 from shared.container import check_relative_path
 from shared.errors import ContainerError, ManifestError
 from shared.jsonsafe import load_json
@@ -48,22 +55,7 @@ __all__ = [
     "parse_model_spec",
 ]
 
-FORMAT_NAME = "edgefleet-bundle"
-FORMAT_VERSION = "1.1"  # major.minor: a reader refuses a higher major, accepts any minor
-MANIFEST_MAX_BYTES = 1 << 20
 KNOWN_FORMATS = ("onnx", "openvino", "tflite")
-DTYPES = (
-    "float32",
-    "float16",
-    "bfloat16",
-    "float64",
-    "int8",
-    "uint8",
-    "int16",
-    "int32",
-    "int64",
-    "bool",
-)
 NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,63}$"
 VERSION_PATTERN = r"^[0-9A-Za-z][0-9A-Za-z.+_-]{0,63}$"
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
@@ -100,7 +92,7 @@ class Artifact(_Value):
     """The model in one format and precision; ``files[0]`` is the file a runtime loads."""
 
     format: str = Field(min_length=1, max_length=32)
-    precision: Literal["fp32", "fp16", "bf16", "int8", "mixed"] = "fp32"
+    precision: Literal[PRECISIONS] = "fp32"  # type: ignore[valid-type]
     files: list[str] = Field(min_length=1, max_length=64)
 
     _paths = field_validator("files")(lambda cls, v: [_safe_path(p) for p in v])

@@ -66,35 +66,20 @@ def test_metadata_and_manifest_requests_are_answered_before_a_backlog_of_chunks(
     bridge = MqttBridge(
         FleetSettings(broker="mqtt://127.0.0.1:1"), make_engine("sqlite://"), BundleRepository()
     )
+
+    def chunks(request_id: str, index: int) -> dict[str, object]:
+        return {
+            "request_id": request_id,
+            "kind": "chunks",
+            "target": "m/1/manifest.json",
+            "chunks": [{"file": "model.onnx", "index": index}],
+        }
+
     requests = [
-        (
-            "dev-1",
-            {
-                "request_id": "c1",
-                "kind": "chunks",
-                "target": "m/1/manifest.json",
-                "chunks": [{"file": "model.onnx", "index": 0}],
-            },
-        ),
-        (
-            "dev-2",
-            {
-                "request_id": "c2",
-                "kind": "chunks",
-                "target": "m/1/manifest.json",
-                "chunks": [{"file": "model.onnx", "index": 1}],
-            },
-        ),
+        ("dev-1", chunks("c1", 0)),
+        ("dev-2", chunks("c2", 1)),
         ("dev-3", {"request_id": "t3", "kind": "metadata", "name": "timestamp.json"}),
-        (
-            "dev-1",
-            {
-                "request_id": "c3",
-                "kind": "chunks",
-                "target": "m/1/manifest.json",
-                "chunks": [{"file": "model.onnx", "index": 2}],
-            },
-        ),
+        ("dev-1", chunks("c3", 2)),
         ("dev-4", {"request_id": "m4", "kind": "manifest", "target": "m/1/manifest.json"}),
     ]
     for device, body in requests:

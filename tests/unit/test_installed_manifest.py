@@ -12,9 +12,7 @@ import sys
 
 import pytest
 
-from agent import installed
 from agent.installed import parse_installed_manifest
-from shared import bundle, manifest
 from shared.errors import ManifestError
 from shared.manifest import parse_manifest
 
@@ -53,16 +51,6 @@ def document(**changes) -> dict:
 
 def encode(doc: dict) -> bytes:
     return json.dumps(doc).encode()
-
-
-def test_constants_agree_with_the_bundle_format():
-    assert bundle.MANIFEST_NAME == installed.MANIFEST_NAME
-    assert manifest.FORMAT_NAME == installed.FORMAT_NAME
-    assert manifest.FORMAT_VERSION.split(".")[0] == installed.FORMAT_MAJOR
-    assert manifest.MANIFEST_MAX_BYTES == installed.MANIFEST_MAX_BYTES
-    assert manifest.DTYPES == installed.DTYPES
-    precision = manifest.Artifact.model_fields["precision"].annotation
-    assert precision.__args__ == installed.PRECISIONS
 
 
 @pytest.mark.parametrize(

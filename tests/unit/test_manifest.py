@@ -8,9 +8,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from shared.bundle_format import MANIFEST_MAX_BYTES
 from shared.errors import ManifestError
 from shared.jsonsafe import load_json, nesting_depth
-from shared.manifest import MANIFEST_MAX_BYTES, parse_manifest, parse_model_spec
+from shared.manifest import parse_manifest, parse_model_spec
 
 SHA = "a" * 64
 
