@@ -14,11 +14,9 @@ A test module makes its browser fixture from :func:`chromium`::
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
 import pytest
 from playwright.sync_api import Browser, Page, expect, sync_playwright
@@ -32,7 +30,6 @@ __all__ = [
     "new_page",
     "shoot",
     "show",
-    "wait_until",
 ]
 
 CHROMIUM = "/usr/bin/chromium"
@@ -77,13 +74,3 @@ def show(page: Page, url: str, route: str) -> None:
     page.goto(f"{url}/#{route}")
     expect(page.locator("main h1")).to_be_visible()
     expect(page.locator("main .view")).not_to_have_attribute("aria-busy", "true")
-
-
-def wait_until(check: Any, *, what: str, timeout: float = 60.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        result = check()
-        if result:
-            return result
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")

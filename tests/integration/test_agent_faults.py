@@ -45,6 +45,7 @@ from shared.protocol import DOWN_CMD, device_topic
 from shared.trust import sign_release
 from tests.integration import test_agent
 from tests.integration.fleet_harness import FleetHarness
+from tests.polling import wait_until
 
 # test_agent.py's fixtures (pytest finds them by these names) and helpers
 releases = test_agent.releases
@@ -298,13 +299,6 @@ def leftovers(data_dir: Path) -> list[str]:
     )
 
 
-def wait_until(condition: Callable[[], bool], *, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"not within {timeout} s: {what}"
-        time.sleep(0.02)
-
-
 def served_version(broker: Any, data_dir: Path) -> str:
     """Ask the agent for an inference over MQTT; return the version that answered (checked
     against the golden output of the version that is current on disk)."""
@@ -384,7 +378,12 @@ def test_25_broker_restart_mid_transfer(broker, fleet, agents, releases):
     mark = fleet.report_count(DEVICE)
     fleet.deploy(DEVICE, "2.0.0")
     fleet.wait_phase(DEVICE, "downloading", "2.0.0", since=mark)
-    wait_until(lambda: fleet.chunk_bytes_sent >= payload / 3, timeout=30, what="a third of v2 sent")
+    wait_until(
+        lambda: fleet.chunk_bytes_sent >= payload / 3,
+        timeout=30,
+        what="a third of v2 sent",
+        every=0.02,
+    )
 
     broker.stop()  # a restart, with a look at the device's record while nothing can arrive
     before = verified_chunks(agents.data_dir, "2.0.0")
@@ -412,7 +411,10 @@ def test_26_agent_killed_mid_download_resumes(broker, fleet, agents, releases):
     fleet.deploy(DEVICE, "2.0.0")
     fleet.wait_phase(DEVICE, "downloading", "2.0.0", since=mark)
     wait_until(
-        lambda: fleet.chunk_bytes_sent >= bundle_size / 2, timeout=30, what="half of v2 sent"
+        lambda: fleet.chunk_bytes_sent >= bundle_size / 2,
+        timeout=30,
+        what="half of v2 sent",
+        every=0.02,
     )
     assert agents.kill() == -signal.SIGKILL
     before = verified_chunks(agents.data_dir, "2.0.0")

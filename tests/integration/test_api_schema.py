@@ -24,11 +24,11 @@ from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import response_schema_conformance
-from sqlalchemy import create_engine, text
 
 from fleet.app import create_app
 from fleet.config import FleetSettings
 from shared.keystore import KeyStore
+from tests.integration.conftest import empty_schema
 
 pytestmark = pytest.mark.integration
 
@@ -47,10 +47,7 @@ def fleet_app(request, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fas
         with TestClient(app):  # runs the start-up: migrations, the admin token, the scheduler
             yield app
     if db is not None:  # leave the shared test database empty for the tests after this one
-        engine = create_engine(db)
-        with engine.begin() as connection:
-            connection.execute(text("DROP SCHEMA public CASCADE; CREATE SCHEMA public"))
-        engine.dispose()
+        empty_schema(db)
 
 
 def test_no_request_gets_a_server_error_or_an_undocumented_answer(fleet_app):

@@ -12,7 +12,7 @@ from types import SimpleNamespace
 import pytest
 from fastapi.testclient import TestClient
 from pydantic import TypeAdapter
-from sqlmodel import Session, create_engine, text
+from sqlmodel import Session
 
 from fleet import crud
 from fleet.api import _one_reader
@@ -21,6 +21,7 @@ from fleet.config import FleetSettings
 from fleet.models import ApiToken, Device, DeviceModel
 from fleet.ttl_cache import TtlCache
 from shared.keystore import KeyStore
+from tests.integration.conftest import empty_schema
 
 pytestmark = pytest.mark.integration
 
@@ -37,10 +38,7 @@ def client(request, tmp_path, monkeypatch) -> Iterator[TestClient]:
         test_client.headers["Authorization"] = f"Bearer {ADMIN}"
         yield test_client
     if db is not None:  # the next test starts from an empty schema
-        engine = create_engine(db)
-        with engine.begin() as connection:
-            connection.execute(text("DROP SCHEMA public CASCADE; CREATE SCHEMA public"))
-        engine.dispose()
+        empty_schema(db)
 
 
 def new_token(client: TestClient, name: str, role: str) -> dict[str, str]:

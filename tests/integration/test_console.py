@@ -39,15 +39,16 @@ from shared.protocol import device_topic
 from tests.integration import test_fleet as fleet_tests
 from tests.integration.conftest import free_port
 from tests.integration.console_helpers import (
+    WAIT_MS,
     chromium,
     log_in,
     new_page,
     shoot,
     show,
-    wait_until,
 )
 from tests.integration.test_fleet import signed_bundle, token
 from tests.pki import issue_client
+from tests.polling import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -208,6 +209,7 @@ def devices(broker, fleet) -> dict[str, ScriptedDevice]:
             fleet.api.get("/api/v1/console/overview").json()["devices"]["total"] == len(DEVICES)
         ),
         what="every device registered",
+        timeout=WAIT_MS / 1000,
     )
     return scripted
 
@@ -262,7 +264,9 @@ def test_operator_runs_a_rollout_and_a_viewer_only_watches(browser, fleet, devic
     # Progress moves while the page stays loaded: the canaries report, the gate passes.
     page.evaluate("window.stillTheSamePage = true")
     canaries = wait_until(
-        lambda: [d for d in devices.values() if d.ordered()] or None, what="orders to canaries"
+        lambda: [d for d in devices.values() if d.ordered()] or None,
+        what="orders to canaries",
+        timeout=WAIT_MS / 1000,
     )
     stage0 = page.locator('[data-stage="0"]')
     expect(stage0.locator('[data-part="in_progress"]')).to_have_text(f"{len(canaries)} in progress")
@@ -274,6 +278,7 @@ def test_operator_runs_a_rollout_and_a_viewer_only_watches(browser, fleet, devic
     rest = wait_until(
         lambda: [d for d in devices.values() if d not in canaries and d.ordered()] or None,
         what="orders to the second stage",
+        timeout=WAIT_MS / 1000,
     )
     assert page.evaluate("window.stillTheSamePage") is True
 

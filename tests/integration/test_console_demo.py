@@ -31,7 +31,8 @@ import pytest
 from playwright.sync_api import Browser, Page, expect
 
 from tests.integration.conftest import free_port
-from tests.integration.console_helpers import chromium, log_in, new_page, shoot, show, wait_until
+from tests.integration.console_helpers import chromium, log_in, new_page, shoot, show
+from tests.polling import wait_until
 
 pytestmark = pytest.mark.integration
 

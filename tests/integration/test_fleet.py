@@ -23,6 +23,8 @@ from shared.keystore import KeyStore
 from shared.protocol import FetchRequest, decode_frame, device_topic
 from shared.trust import sign_release
 from tests.conftest import make_model_dir
+from tests.integration.conftest import empty_schema
+from tests.polling import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -33,10 +35,7 @@ def db_url(request, tmp_path, postgres_url) -> Iterator[str]:
         yield f"sqlite:///{tmp_path / 'fleet.db'}"
         return
     yield postgres_url
-    engine = create_engine(postgres_url)  # each test starts from an empty schema
-    with engine.begin() as connection:
-        connection.execute(text("DROP SCHEMA public CASCADE; CREATE SCHEMA public"))
-    engine.dispose()
+    empty_schema(postgres_url)  # each test starts from an empty schema
 
 
 @pytest.fixture
@@ -173,16 +172,6 @@ def bridged(broker, tmp_path, keys, monkeypatch) -> Iterator[TestClient]:
         yield client
 
 
-def wait_until(check, timeout: float = 10.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        result = check()
-        if result:
-            return result
-        time.sleep(0.05)
-    raise AssertionError("condition not met in time")
-
-
 def state_payload(device_id: str, seq: int, version: str) -> bytes:
     return json.dumps(
         {
@@ -212,11 +201,17 @@ def test_bridge_ingests_reports_and_drops_spoofed_and_stale_ones(bridged, broker
     }
     for _ in range(2):  # QoS 1 redelivery: stored once
         dev.publish_and_wait(device_topic("dev-001", "up/events"), json.dumps(event).encode())
-    devices = wait_until(lambda: bridged.get("/api/v1/devices").json())
+    devices = wait_until(
+        lambda: bridged.get("/api/v1/devices").json(), what="a device registered", timeout=10
+    )
     assert [(d["id"], d["models"], d["online"]) for d in devices] == [
         ("dev-001", {"cnn": "2.0.0"}, True)
     ]
-    detail = wait_until(lambda: bridged.get("/api/v1/devices/dev-001").json()["events"] or None)
+    detail = wait_until(
+        lambda: bridged.get("/api/v1/devices/dev-001").json()["events"],
+        what="the event stored",
+        timeout=10,
+    )
     assert [(e["phase"], e["seq"]) for e in detail] == [("activated", 12)]
     assert bridged.get("/api/v1/devices/dev-002").status_code == 404
 

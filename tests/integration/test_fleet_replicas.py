@@ -58,6 +58,7 @@ from simulators.demo import make_releases
 from simulators.hardware import DEFAULT_PROFILES, parse_profiles
 from simulators.virtual import Simulation, SimulationOptions
 from tests.integration.conftest import PG_ADMIN, find_mosquitto, free_port
+from tests.polling import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -65,16 +66,6 @@ DEVICES = 40
 TOKEN = "replicas-admin-" + os.urandom(6).hex()
 WAIT_S = 300.0
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def wait_for(check: Any, timeout: float = WAIT_S, what: str = "the condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        result = check()
-        if result:
-            return result
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
 
 
 class FleetProcess:
@@ -110,7 +101,7 @@ class FleetProcess:
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
-        wait_for(self._healthy, 60, f"{self.name} to serve /healthz")
+        wait_until(self._healthy, timeout=60, what=f"{self.name} to serve /healthz")
 
     def _healthy(self) -> bool:
         assert self.process is not None
@@ -224,7 +215,9 @@ class World:
         self.sim = sim
         self.stack.callback(sim.stop)
         sim.start()
-        wait_for(lambda: online(fleet) == DEVICES, what="every device to come online")
+        wait_until(
+            lambda: online(fleet) == DEVICES, what="every device to come online", timeout=WAIT_S
+        )
         return sim
 
     def versions(self) -> Counter[str | None]:
@@ -286,13 +279,14 @@ def rollout_status(fleet: FleetProcess, rollout_id: str) -> dict[str, Any]:
 
 
 def settled(fleet: FleetProcess, rollout_id: str) -> dict[str, Any]:
-    return wait_for(
+    return wait_until(
         lambda: (
             (s := rollout_status(fleet, rollout_id))["state"]
             in ("completed", "halted", "paused", "aborted")
             and s
         ),
         what=f"rollout {rollout_id} to settle",
+        timeout=WAIT_S,
     )
 
 
@@ -345,7 +339,7 @@ def run_broker(work: Path, fleet_identities: list[str]) -> Iterator[tuple[int, P
             [find_mosquitto(), "-c", str(paths["conf"])], stdout=log, stderr=subprocess.STDOUT
         )
     try:
-        wait_for(lambda: port_open(cfg.port), 10, "mosquitto to listen")
+        wait_until(lambda: port_open(cfg.port), timeout=10, what="mosquitto to listen")
         yield cfg.port, ca.cert_path
     finally:
         process.terminate()
@@ -371,12 +365,13 @@ def test_fleet_killed_mid_rollout_resumes_with_nothing_lost_or_repeated(
 
     rollout_id = create_rollout(fleet, "2.0.0", [10, 50, 100])
     # Kill once the first gate has passed and second-stage devices are being updated.
-    wait_for(
+    wait_until(
         lambda: (
             (s := rollout_status(fleet, rollout_id))["stage"] >= 1
             and s["devices"]["in_progress"] > 0
         ),
         what="the second stage to be in flight",
+        timeout=WAIT_S,
     )
     fleet.kill()
     before = rollout_status_from_db(world, rollout_id)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -27,6 +26,7 @@ from shared.keystore import KeyStore
 from shared.trust import sign_release
 from tests.integration.test_agent import start_agent, status
 from tests.pki import issue_client
+from tests.polling import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -93,7 +93,7 @@ def agents(broker, rollout_releases, fleet_service, tmp_path) -> Iterator[dict[s
     for device in DEVICES:
         dirs[device] = tmp_path / device
         procs.append(start_agent(broker, rollout_releases, dirs[device], device=device))
-    wait(
+    wait_until(
         lambda: (
             len([d for d in fleet_service.get("/api/v1/devices").json() if d["online"]])
             == len(DEVICES)
@@ -110,16 +110,6 @@ def agents(broker, rollout_releases, fleet_service, tmp_path) -> Iterator[dict[s
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.communicate()
-
-
-def wait(check, *, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        result = check()
-        if result:
-            return result
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 GATES = {"min_sample": 1, "max_p95_ratio": None, "max_error_rate": None}
@@ -146,7 +136,7 @@ def settled(client: TestClient, rollout_id: str, states: tuple[str, ...]) -> dic
         doc = client.get(f"/api/v1/rollouts/{rollout_id}").json()
         return doc if doc["state"] in states else None
 
-    return wait(check, timeout=180, what=f"rollout {rollout_id} to reach {states}")
+    return wait_until(check, timeout=180, what=f"rollout {rollout_id} to reach {states}")
 
 
 def test_staged_rollouts_complete_and_a_bad_release_is_halted_and_reverted(fleet_service, agents):

@@ -11,7 +11,6 @@ directories and the rollout's stored state, not from logs.
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -24,7 +23,8 @@ from fleet.rollout_codec import decode_rollout
 from simulators.demo import BAD_V3, MAX_P95_RATIO, make_releases, run_broker, run_fleet
 from simulators.hardware import DEFAULT_PROFILES, parse_profiles
 from simulators.virtual import Simulation, SimulationOptions, VirtualDevice, parse_faults
-from tests.integration.conftest import free_port
+from tests.integration.conftest import empty_schema, free_port
+from tests.polling import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -65,7 +65,11 @@ class World:
         return dict(self.api.get(f"/api/v1/rollouts/{rollout_id}").json())
 
     def wait(self, rollout_id: str, states: tuple[str, ...]) -> dict[str, Any]:
-        return wait_for(lambda: (s := self.status(rollout_id))["state"] in states and s)
+        return wait_until(
+            lambda: (s := self.status(rollout_id))["state"] in states and s,
+            what=f"rollout {rollout_id} to be {' or '.join(states)}",
+            timeout=WAIT_S,
+        )
 
     def engine_state(self, rollout_id: str) -> Any:
         with Session(self.engine) as session:
@@ -85,52 +89,46 @@ class World:
             return set(rows)
 
 
-def wait_for(check: Any, timeout: float = WAIT_S) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        result = check()
-        if result:
-            return result
-        time.sleep(0.5)
-    raise AssertionError(f"timed out after {timeout:g} s")
-
-
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory, postgres_url: str) -> Iterator[World]:
     work = tmp_path_factory.mktemp("sim-e2e")
-    os.environ["EDGEFLEET_ADMIN_TOKEN"] = TOKEN
     keys = make_releases(work)
-    with (
-        run_broker(work) as (broker_port, ca),
-        run_fleet(work, keys, broker_port, ca, free_port(), database_url=postgres_url) as url,
-    ):
-        api = httpx.Client(base_url=url, timeout=60, headers={"Authorization": f"Bearer {TOKEN}"})
-        for version in ("1.0.0", "2.0.0", "3.0.0"):
-            bundle = work / "releases" / f"cnn-{version}.bundle"
-            api.post("/api/v1/releases", content=bundle.read_bytes()).raise_for_status()
-        sim = Simulation(
-            SimulationOptions(
-                fleet_url=url,
-                token=TOKEN,
-                broker=f"mqtts://127.0.0.1:{broker_port}",
-                devices=DEVICES,
-                work_dir=work / "devices",
-                profiles=parse_profiles(DEFAULT_PROFILES),
-                model_faults=parse_faults(BAD_V3)[0],
-                prefix="e2e",
-                probation_s=1.0,
-                telemetry_interval_s=1.0,
-                infer_interval_s=0.5,
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("EDGEFLEET_ADMIN_TOKEN", TOKEN)  # the fleet's admin token
+        with (
+            run_broker(work) as (broker_port, ca),
+            run_fleet(work, keys, broker_port, ca, free_port(), database_url=postgres_url) as url,
+        ):
+            api = httpx.Client(
+                base_url=url, timeout=60, headers={"Authorization": f"Bearer {TOKEN}"}
             )
-        )
-        world = World(sim, api, postgres_url)
-        try:
-            sim.start()
-            yield world
-        finally:
-            sim.stop()
-            api.close()
-            world.engine.dispose()
+            for version in ("1.0.0", "2.0.0", "3.0.0"):
+                bundle = work / "releases" / f"cnn-{version}.bundle"
+                api.post("/api/v1/releases", content=bundle.read_bytes()).raise_for_status()
+            sim = Simulation(
+                SimulationOptions(
+                    fleet_url=url,
+                    token=TOKEN,
+                    broker=f"mqtts://127.0.0.1:{broker_port}",
+                    devices=DEVICES,
+                    work_dir=work / "devices",
+                    profiles=parse_profiles(DEFAULT_PROFILES),
+                    model_faults=parse_faults(BAD_V3)[0],
+                    prefix="e2e",
+                    probation_s=1.0,
+                    telemetry_interval_s=1.0,
+                    infer_interval_s=0.5,
+                )
+            )
+            world = World(sim, api, postgres_url)
+            try:
+                sim.start()
+                yield world
+            finally:
+                sim.stop()
+                api.close()
+                world.engine.dispose()
+    empty_schema(postgres_url)
 
 
 def online(world: World) -> int:
@@ -138,7 +136,7 @@ def online(world: World) -> int:
 
 
 def test_v1_reaches_every_device(world: World) -> None:
-    wait_for(lambda: online(world) == DEVICES)
+    wait_until(lambda: online(world) == DEVICES, what="every device online", timeout=WAIT_S)
     done = world.wait(world.rollout("1.0.0", [100]), ("completed", "halted", "paused"))
     assert done["state"] == "completed", done["decisions"]
     assert set(world.versions().values()) == {"1.0.0"}
@@ -149,10 +147,16 @@ def test_staged_rollout_with_devices_offline_and_enrolling_midway(world: World) 
     asleep = sim.devices[:10]
     for device in asleep:
         device.power_off()
-    wait_for(lambda: online(world) == DEVICES - len(asleep))
+    wait_until(
+        lambda: online(world) == DEVICES - len(asleep),
+        what="the sleeping devices offline",
+        timeout=WAIT_S,
+    )
     rollout_id = world.rollout("2.0.0", [10, 50, 100], max_p95_ratio=MAX_P95_RATIO)
     # Mid-rollout, once the first stage has passed, five new devices enroll.
-    wait_for(lambda: world.status(rollout_id)["stage"] >= 1)
+    wait_until(
+        lambda: world.status(rollout_id)["stage"] >= 1, what="the second stage", timeout=WAIT_S
+    )
     newcomers = sim.add_devices(5)
     done = world.wait(rollout_id, ("completed", "halted", "paused"))
     assert done["state"] == "completed", done["decisions"]
@@ -167,7 +171,11 @@ def test_staged_rollout_with_devices_offline_and_enrolling_midway(world: World) 
     # The devices that were off catch up when they come back.
     for device in asleep:
         device.power_on(sim.options.broker, sim.overrides)
-    wait_for(lambda: set(world.versions().values()) == {"2.0.0"})
+    wait_until(
+        lambda: set(world.versions().values()) == {"2.0.0"},
+        what="every device on 2.0.0 by its own data",
+        timeout=WAIT_S,
+    )
     assert len(world.versions()) == DEVICES + len(newcomers)
 
 
@@ -183,7 +191,11 @@ def test_bad_model_is_halted_at_its_first_stage_and_reverted(world: World) -> No
     # devices of the first stage may have activated v3 by then, no other device may have.
     assert ran <= first_stage
     # Every device that ran it was reverted: all devices, by their own data, run v2 again.
-    wait_for(lambda: set(world.versions().values()) == {"2.0.0"})
+    wait_until(
+        lambda: set(world.versions().values()) == {"2.0.0"},
+        what="every device on 2.0.0 by its own data",
+        timeout=WAIT_S,
+    )
     broke = {did for did, p in progress.items() if p.failure_class == "self_test"}
     assert broke, "the arm-npu devices of the first stage refused v3 in their self-test"
     assert {world.sim.device(did).profile.name for did in broke} == {"arm-npu"}
