@@ -580,6 +580,33 @@ def test_a_rollout_takes_the_fleet_defaults_for_what_its_request_leaves_out(
         assert page["stages"][0]["soak_s"] == 5.0
 
 
+def test_non_finite_numbers_in_a_rollout_request_are_refused_with_what_arrived(
+    app_client, tmp_path, keys
+):
+    """Python's JSON parser reads NaN and Infinity; the API must refuse them, and say so."""
+    bundle = signed_bundle(tmp_path, keys, "1.0.0")
+    assert app_client.post("/api/v1/releases", content=bundle.read_bytes()).status_code == 201
+
+    def post(options: str) -> Any:
+        body = '{"model": "tiny", "version": "1.0.0", ' + options + "}"
+        return app_client.post(
+            "/api/v1/rollouts", content=body, headers={"Content-Type": "application/json"}
+        )
+
+    nan = post('"stages": [NaN]')
+    assert nan.status_code == 422
+    assert nan.json()["detail"][0]["loc"] == ["body", "stages", 0]
+    assert nan.json()["detail"][0]["input"] == "nan"  # quoted, as JSON cannot carry it
+    for options, message in [
+        ('"soak_s": Infinity', "stage soak_s must be >= 0 seconds, got inf"),
+        ('"gates": {"max_p95_ratio": Infinity}', "max_p95_ratio must be > 0 or None, got inf"),
+    ]:
+        refused = post(options)
+        assert refused.status_code == 422
+        assert refused.json()["detail"] == message
+    assert app_client.get("/api/v1/rollouts").json() == []  # nothing was stored
+
+
 def test_fleet_rollout_defaults_are_checked_at_start(monkeypatch):
     monkeypatch.setenv("EDGEFLEET_FLEET_ROLLOUT_DEFAULTS", '{"stages": [10, 90]}')
     with pytest.raises(ValueError, match="the last stage must be percent=100"):
