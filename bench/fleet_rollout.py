@@ -36,6 +36,12 @@ Measured:
   from the ``POST /api/v1/rollouts`` to the rollout's ``completed`` state. Per stage, polled
   every 0.2 s from outside: when it started, when its devices had all succeeded, and when its
   gate passed (the next stage started);
+- during the staged rollout: the CPU of the simulation, the fleet service and the broker, and
+  how busy the machine's cores were (near 100%: the rollout is CPU-bound); the fleet service's
+  peak memory;
+- **each device's phases**: from the deployment events of 200 devices, p50 and p90 of the time
+  from the order's arrival to the download, the download, the checks, the self-test and the
+  probation (a device holds one of the in-flight slots for all of it);
 - **the raw limit**, measured in the same run before the devices start: the same bytes the fleet
   sends for the v2 rollout (``--devices`` x the bundle, in the same 256 KiB frames) published by
   one plain paho client over the broker's TLS listener to ``--raw-subscribers`` plain paho
