@@ -632,10 +632,12 @@ class RolloutRequest(RolloutOptions):
 
     An option left out takes the fleet's default (``GET /api/v1/rollout-defaults``; the defaults
     this schema shows are the built-in ones), and ``gates`` changes only the thresholds it names.
-    ``null`` for ``stages`` or ``gates`` means the default, as it always has.
+    ``null`` for ``stages`` or ``gates``, and ``[]`` for ``stages``, mean the default, as they
+    always have. A field the API does not know is refused (a misspelt option must not quietly
+    become the fleet's default).
     """
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="forbid")
     model: str = Field(pattern=NAME_PATTERN)
     version: str = Field(pattern=VERSION_PATTERN)
     target: str = Field(default="", max_length=512, pattern=NO_CONTROL_CHARACTERS)
@@ -644,7 +646,9 @@ class RolloutRequest(RolloutOptions):
     @classmethod
     def _null_is_the_default(cls, data: Any) -> Any:
         if isinstance(data, dict):
-            return {k: v for k, v in data.items() if not (k in ("stages", "gates") and v is None)}
+            # what a request may send to mean "the default"
+            defaults: dict[str, tuple[Any, ...]] = {"stages": (None, []), "gates": (None,)}
+            return {k: v for k, v in data.items() if not any(v == d for d in defaults.get(k, ()))}
         return data
 
     def options(self, defaults: RolloutOptions) -> RolloutOptions:

@@ -358,7 +358,10 @@ def rollout_create(
     if max_in_flight is not None:
         body["max_in_flight"] = max_in_flight
     if plan is not None:
-        body["plan"] = json.loads(plan.read_text())
+        try:
+            body["plan"] = json.loads(plan.read_text())
+        except (OSError, ValueError) as e:
+            raise UsageError(f"--plan must be a JSON file of a previewed plan: {e}") from e
     with _client(fleet) as client:
         rollout = _check(client.post("/api/v1/rollouts", json=body))
     console.print(rollout["id"])

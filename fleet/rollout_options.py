@@ -62,7 +62,8 @@ class GateOptions(BaseModel):
 
 class RolloutOptions(BaseModel):
     """How a rollout goes: stages, pace, gates and what a failed gate does. Units are in the
-    field names; the defaults are the engine's own."""
+    field names. The defaults are the engine's (:class:`fleet.rollouts.Gates`; a unit test holds
+    them equal), except that a failed gate reverts the devices unless asked otherwise."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -85,15 +86,20 @@ class RolloutOptions(BaseModel):
 
     def merged(self, changes: Mapping[str, Any]) -> RolloutOptions:
         """These options with ``changes`` laid over them; a ``gates`` mapping changes only the
-        thresholds it names.
+        thresholds it names. A ``max_failure_rate`` in ``changes`` decides the install check
+        (``min_install_success`` is then ``1 - max_failure_rate``) unless ``changes`` also names
+        ``gates.min_install_success``.
 
         Raises:
             pydantic.ValidationError: a change with a bad value.
         """
         values = {**self.model_dump(), **changes}
-        gates = changes.get("gates")
-        if isinstance(gates, Mapping):
+        gates = changes.get("gates", {})
+        if isinstance(gates, Mapping):  # anything else is refused by the validation below
             values["gates"] = {**self.gates.model_dump(), **gates}
+            if "max_failure_rate" in changes and "min_install_success" not in gates:
+                # the tolerance asked for wins over a success threshold from the defaults
+                values["gates"]["min_install_success"] = None
         return RolloutOptions.model_validate(values)
 
     def engine_plan(

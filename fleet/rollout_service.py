@@ -372,11 +372,21 @@ class RolloutService:
                 "let it finish first (one active rollout per model)"
             )
         rollout_id = f"r-{uuid.uuid4().hex[:10]}"
-        if plan is not None:
+        if plan is not None:  # a previewed plan: its cohorts, but what it replaces is now's
             parse_target(target)
-            engine_plan = decode_plan(
-                {**plan, "rollout_id": rollout_id, "model": model, "version": version}
-            )
+            server_side = {
+                "rollout_id": rollout_id,
+                "model": model,
+                "version": version,
+                "previous_version": self._previous_version(session, model, version),
+            }
+            try:
+                engine_plan = decode_plan({**plan, **server_side})
+            except (KeyError, TypeError, ValueError, AttributeError) as e:
+                raise UsageError(
+                    f"the plan is not one the preview made ({type(e).__name__}: {e}); "
+                    "preview again, or send the options instead of a plan"
+                ) from e
         else:
             engine_plan = self.build_plan(
                 session,

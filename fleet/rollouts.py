@@ -84,8 +84,9 @@ and since the last report of its cohort. The cohort is the stage's dispatched de
   medians when both sides have ``min_sample`` devices, must be ``<= max_p95_ratio``. When a
   class has no control device left (a last stage of 100%), the control median measured at this
   rollout's latest earlier gate stands in for it (marked ``control_from_earlier_stage``). A plan
-  without ``previous_version`` (a model's first release) has nothing to compare with: the check
-  is ``off``, and ``figures["off_because"]`` and a passing verdict's reason say why.
+  without ``previous_version`` (no device ran another version of the model when the rollout was
+  created: a model's first release) has nothing to compare with: the check is ``off``, and
+  ``figures["off_because"]`` and a passing verdict's reason say why.
 
 A stage whose install check must fail whatever its unfinished devices do (counting each as a
 success: overall or on one hardware class, with ``min_sample`` finished) fails at once, without

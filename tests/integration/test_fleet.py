@@ -607,6 +607,33 @@ def test_non_finite_numbers_in_a_rollout_request_are_refused_with_what_arrived(
     assert app_client.get("/api/v1/rollouts").json() == []  # nothing was stored
 
 
+def test_rollout_requests_refuse_unknown_fields_and_foreign_plans(app_client, tmp_path, keys):
+    bundle = signed_bundle(tmp_path, keys, "1.0.0")
+    assert app_client.post("/api/v1/releases", content=bundle.read_bytes()).status_code == 201
+    release = {"model": "tiny", "version": "1.0.0"}
+
+    misspelt = app_client.post("/api/v1/rollouts", json={**release, "soak": 5})
+    assert misspelt.status_code == 422  # not quietly the default soak
+    assert misspelt.json()["detail"][0]["loc"] == ["body", "soak"]
+    broken = app_client.post("/api/v1/rollouts", json={**release, "plan": {"stages": "x"}})
+    assert broken.status_code == 422
+    assert broken.json()["detail"].startswith("the plan is not one the preview made")
+    assert app_client.get("/api/v1/rollouts").json() == []
+
+    # A previewed plan keeps its cohorts, but what it replaces is decided when it starts.
+    preview = app_client.post("/api/v1/console/rollouts/preview", json=release).json()
+    plan = {**preview["plan"], "previous_version": "0.0.1"}
+    created = app_client.post("/api/v1/rollouts", json={**release, "plan": plan})
+    assert created.status_code == 201, created.text
+    assert created.json()["previous_version"] is None  # no device runs another version of tiny
+    assert app_client.post(f"/api/v1/rollouts/{created.json()['id']}/abort").status_code == 200
+
+    empty = app_client.post("/api/v1/rollouts", json={**release, "stages": []})
+    assert empty.status_code == 201, empty.text  # [] means the default stages, as null does
+    page = app_client.get(f"/api/v1/console/rollouts/{empty.json()['id']}").json()
+    assert [s["percent"] for s in page["stages"]] == [5.0, 25.0, 100.0]
+
+
 def test_fleet_rollout_defaults_are_checked_at_start(monkeypatch):
     monkeypatch.setenv("EDGEFLEET_FLEET_ROLLOUT_DEFAULTS", '{"stages": [10, 90]}')
     with pytest.raises(ValueError, match="the last stage must be percent=100"):

@@ -9,6 +9,7 @@ from pydantic import ValidationError
 
 import fleet.rollout_options
 from fleet.rollout_options import GateOptions, RolloutOptions
+from fleet.rollouts import Gates, Plan
 
 
 def test_the_module_examples_run():
@@ -73,3 +74,32 @@ def test_the_engine_plan_takes_every_option():
         options.merged({"stages": [50, 90]}).engine_plan(
             rollout_id="r1", model="cnn", version="2", previous_version="1", salt="s"
         )
+
+
+def test_a_requested_failure_tolerance_wins_over_a_success_threshold_in_the_defaults():
+    defaults = RolloutOptions(gates=GateOptions(min_install_success=0.99))
+    plan = defaults.merged({"max_failure_rate": 0.3}).engine_plan(
+        rollout_id="r1", model="cnn", version="2", previous_version="1", salt="s"
+    )
+    assert plan.gates.min_install_success == pytest.approx(0.7)
+    both = defaults.merged({"max_failure_rate": 0.3, "gates": {"min_install_success": 0.8}})
+    assert both.gates.min_install_success == 0.8  # named in the same request: it decides
+    assert defaults.merged({"soak_s": 1}).gates.min_install_success == 0.99
+
+
+def test_the_defaults_are_the_engines():
+    engine = Gates()
+    options = RolloutOptions()
+    for name in (
+        "min_sample",
+        "max_crash_rate",
+        "max_error_rate",
+        "max_p95_ratio",
+        "sample_wait_s",
+    ):
+        assert getattr(options.gates, name) == getattr(engine, name), name
+    assert 1 - options.max_failure_rate == pytest.approx(engine.min_install_success)
+    plan = options.engine_plan(
+        rollout_id="r1", model="cnn", version="2", previous_version="1", salt="s"
+    )
+    assert plan.max_in_flight == Plan.__dataclass_fields__["max_in_flight"].default
