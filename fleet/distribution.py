@@ -15,6 +15,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
+from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +26,7 @@ from shared.container import ContainerReader
 from shared.protocol import FetchRequest, FetchResponse, encode_frame
 from shared.trust import target_path
 
-__all__ = ["BundleRepository", "answer_fetch"]
+__all__ = ["BundleRepository", "FetchQueue", "answer_fetch"]
 
 logger = logging.getLogger(__name__)
 FRAME_OVERHEAD = 512  # bytes reserved in each MQTT message for the frame header and topic
@@ -98,6 +100,51 @@ class BundleRepository:
             return os.pread(fd, length, indexed.offsets[file] + index * size)
         finally:
             os.close(fd)
+
+
+class FetchQueue:
+    """Fetch requests waiting to be answered, in the order they will be.
+
+    TUF metadata and manifest requests (a few kB each, and each a round trip a device must finish
+    before it can ask for anything else) go before chunk requests, but at most ``small_run`` in
+    a row while chunk requests wait: a device that floods metadata requests slows the downloads
+    down, it cannot stop them. Each kind is answered in arrival order. Any thread may put; one
+    thread gets.
+
+    >>> q = FetchQueue(small_run=1)
+    >>> for i, kind in enumerate(["chunks", "metadata", "manifest"]):
+    ...     q.put(f"d{i}", FetchRequest(request_id=str(i), kind=kind, name="x", target="x"))
+    >>> [q.get(0)[1].kind for _ in range(3)]
+    ['metadata', 'chunks', 'manifest']
+    """
+
+    def __init__(self, small_run: int = 8) -> None:
+        self.small_run = small_run
+        self._small: deque[tuple[str, FetchRequest]] = deque()
+        self._chunks: deque[tuple[str, FetchRequest]] = deque()
+        self._run = 0  # small answers given in a row while chunks waited
+        self._ready = threading.Condition()
+
+    def put(self, device_id: str, request: FetchRequest) -> None:
+        with self._ready:
+            kind = self._chunks if request.kind == "chunks" else self._small
+            kind.append((device_id, request))
+            self._ready.notify()
+
+    def get(self, timeout_s: float) -> tuple[str, FetchRequest] | None:
+        """The next request and its device, or None if none arrived within ``timeout_s``."""
+        with self._ready:
+            if not self._ready.wait_for(lambda: self._small or self._chunks, timeout_s):
+                return None
+            if self._small and (not self._chunks or self._run < self.small_run):
+                self._run = self._run + 1 if self._chunks else 0
+                return self._small.popleft()
+            self._run = 0
+            return self._chunks.popleft()
+
+    def __len__(self) -> int:
+        with self._ready:
+            return len(self._small) + len(self._chunks)
 
 
 def _parts(header: FetchResponse, data: bytes, max_message: int) -> Iterator[bytes]:

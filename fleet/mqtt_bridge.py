@@ -17,12 +17,13 @@ Ingest is a pipeline of two threads, so that parsing the next batch overlaps sto
   longer than its column, say), the batch is stored again one message at a time, so that only
   the bad message is dropped, with the database's reason in the log.
 
-Fetches are answered by ``fleet-fetch``, in order of kind: TUF metadata and manifests (small,
-and each a device's round trip before it can ask for anything else) before chunks, and in
-arrival order within a kind. Chunk frames are paced (:meth:`shared.mqtt.MqttLink.publish_paced`):
-at most :data:`FETCH_WINDOW_BYTES` wait for the broker's acknowledgement, so the backlog of a
-busy rollout waits as requests in this process, not as frames in paho's queue, where a deploy
-order or a metadata answer published after it would wait behind every byte.
+Fetches are answered by ``fleet-fetch``: TUF metadata and manifests (small, and each a
+device's round trip before it can ask for anything else) before chunks, but never more than a
+few in a row while chunks wait (:class:`fleet.distribution.FetchQueue`). Chunk frames are paced
+(:meth:`shared.mqtt.MqttLink.publish_paced`): at most :data:`FETCH_WINDOW_BYTES` wait for the
+broker's acknowledgement, so the backlog of a busy rollout waits as requests in this process,
+not as frames in paho's queue, where a deploy order or a metadata answer published after it
+would wait behind every byte.
 
 Delivery: paho acknowledges a QoS 1 message to the broker when it has read it, before it is
 stored. Messages read but not yet stored (the link's queue, the batch being filled and up to
@@ -32,7 +33,6 @@ stores everything read.
 
 from __future__ import annotations
 
-import itertools
 import logging
 import queue
 import random
@@ -50,7 +50,7 @@ from sqlmodel import Session, select
 
 from fleet import crud
 from fleet.config import FleetSettings
-from fleet.distribution import BundleRepository, answer_fetch
+from fleet.distribution import BundleRepository, FetchQueue, answer_fetch
 from fleet.models import Release
 from shared.mqtt import Message, MqttLink, MqttSettings
 from shared.protocol import (
@@ -78,7 +78,6 @@ PENDING_BATCHES = 2  # parsed batches waiting for the store thread; then parsing
 GATHER_S = 0.005  # a batch being filled waits this long for more messages when none is queued
 FETCH_WINDOW_BYTES = 16 << 20  # answer bytes sent but not yet acknowledged by the broker
 FETCH_SEND_TIMEOUT_S = 10.0  # a frame the window does not let out by then is dropped (asked again)
-_FETCH_PRIORITY = {"metadata": 0, "manifest": 0, "chunks": 1}  # lower first
 # PostgreSQL aborts one of two transactions that wait on each other's rows (two replicas storing
 # reports of the same devices) or that conflict: the aborted batch is rolled back whole and
 # stored again, at most this many times.
@@ -125,11 +124,7 @@ class MqttBridge:
             subscriptions=[(subscription, 1)],
         )
         self._stop = threading.Event()
-        # (priority, arrival, device, request): see _FETCH_PRIORITY
-        self._fetches: queue.PriorityQueue[tuple[int, int, str, FetchRequest]] = (
-            queue.PriorityQueue()
-        )
-        self._arrivals = itertools.count()
+        self._fetches = FetchQueue()
         self._batches: queue.Queue[list[Report] | None] = queue.Queue(maxsize=PENDING_BATCHES)
         self._threads = [
             threading.Thread(target=self._collect, name="fleet-ingest", daemon=True),
@@ -190,8 +185,7 @@ class MqttBridge:
             device_id, suffix = parse_device_topic(message.topic)
             if suffix == "up/fetch":
                 request = parse_payload(FetchRequest, message.payload, what="fetch request")
-                priority = _FETCH_PRIORITY.get(request.kind, 1)
-                self._fetches.put((priority, next(self._arrivals), device_id, request))
+                self._fetches.put(device_id, request)
                 MESSAGES.labels("fetch").inc()
                 return None
             kind = _KINDS.get(suffix)
@@ -280,10 +274,10 @@ class MqttBridge:
 
     def _serve_fetches(self) -> None:
         while not self._stop.is_set():
-            try:
-                _, _, device_id, request = self._fetches.get(timeout=0.5)
-            except queue.Empty:
+            waiting = self._fetches.get(0.5)
+            if waiting is None:
                 continue
+            device_id, request = waiting
             if request.kind == "metadata" or self.repo.manifest(request.target or "") is None:
                 self._index_new_releases()
             topic = device_topic(device_id, DOWN_FETCH)

@@ -267,13 +267,15 @@ class MqttLink:
     def publish_paced(
         self, topic: str, payload: bytes, *, window_bytes: int, timeout_s: float = 10.0
     ) -> bool:
-        """Publish at QoS 1 once fewer than ``window_bytes`` of earlier paced publishes (this
-        one included) wait for the broker's acknowledgement; blocks until then.
+        """Publish at QoS 1 once at most ``window_bytes`` of paced publishes, this one included,
+        would wait for the broker's acknowledgement; blocks until then. A payload larger than
+        the window goes out once nothing else waits.
 
-        False if the link is down, or the window did not open within ``timeout_s``: the
-        message is not sent, and the peer, which asked for it, asks again. While the link is
-        down the unacknowledged publishes are forgotten (paho resends them on reconnect, or
-        they are lost with the session; either way they no longer hold the window).
+        Returns False if the link is down or the window did not open within ``timeout_s``: the
+        caller takes the message as not sent (paho may still deliver one it queued as the link
+        went down), and the peer that asked for the data asks again. While the link is down the
+        unacknowledged publishes stop counting (paho resends them on reconnect, or they are lost
+        with the session). For one thread (the lock is held while it waits), never paho's own.
         """
         deadline = time.monotonic() + timeout_s
         with self._paced_lock:
@@ -295,8 +297,8 @@ class MqttLink:
             if not self.connected.is_set():
                 return False
             info = self._client.publish(topic, payload, qos=1, retain=False)
-            if info.rc != paho.MQTT_ERR_SUCCESS:
-                return False
+            if info.rc != paho.MQTT_ERR_SUCCESS:  # e.g. disconnected this instant
+                return False  # (paho may still send what it queued, on reconnect)
             self._paced.append((info, len(payload)))
             self._paced_bytes += len(payload)
             return True

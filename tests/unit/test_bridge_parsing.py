@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import doctest
 import json
 from datetime import UTC, datetime
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import fleet.distribution
 from fleet.config import FleetSettings
 from fleet.db import make_engine
-from fleet.distribution import BundleRepository
+from fleet.distribution import BundleRepository, FetchQueue
 from fleet.mqtt_bridge import MqttBridge
 from shared.mqtt import Message
+from shared.protocol import FetchRequest
 
 BRIDGE = MqttBridge(
     FleetSettings(broker="mqtt://127.0.0.1:1"), make_engine("sqlite://"), BundleRepository()
@@ -85,5 +88,21 @@ def test_metadata_and_manifest_requests_are_answered_before_a_backlog_of_chunks(
     for device, body in requests:
         topic = f"edgefleet/v1/devices/{device}/up/fetch"
         assert bridge._parse(Message(topic=topic, payload=json.dumps(body).encode())) is None
-    served = [bridge._fetches.get_nowait()[3].request_id for _ in requests]
+    served = [bridge._fetches.get(0)[1].request_id for _ in requests]
     assert served == ["t3", "m4", "c1", "c2", "c3"]  # small first, then in arrival order
+
+
+def test_a_flood_of_metadata_requests_slows_chunks_down_but_cannot_stop_them():
+    fetches = FetchQueue(small_run=3)
+    chunk = FetchRequest(request_id="c", kind="chunks", target="m/1/manifest.json")
+    fetches.put("dev-1", chunk)
+    for i in range(10):
+        fetches.put("flooder", FetchRequest(request_id=f"t{i}", kind="metadata", name="x.json"))
+    kinds = [fetches.get(0)[1].kind for _ in range(11)]
+    assert kinds.index("chunks") == 3  # after three small answers in a row, the chunk's turn
+    assert fetches.get(0) is None
+    assert len(fetches) == 0
+
+
+def test_the_fetch_queue_example_runs():
+    assert doctest.testmod(fleet.distribution).failed == 0
