@@ -12,7 +12,12 @@
 The rollout policy (:func:`demo_policy`) is the fleet's default one, so a rollout names only
 its release (and v1 its single stage). With ``rollouts="console"`` (``--rollouts console``) the
 demo stops after step 4, prints what to do in the web console, and a person runs step 5 there;
-SIGINT or SIGTERM ends it with the same summary of the rollouts that were run.
+SIGINT or SIGTERM ends it with the same summary of the rollouts that were run (once a halted
+rollout's devices have reverted, as after the demo's own rollouts).
+
+SIGTERM is Ctrl-C for the whole demo: before the demo waits for a person, either signal stops it
+(:class:`Interrupted`), and it stops what it started (the devices, the fleet service, the
+broker) on its way out, whatever step it was in.
 
 v3 is the bad release: on the ``arm-npu`` hardware class it computes wrong outputs (so the
 devices' self-test refuses it there), and everywhere else it is correct but six times as slow
@@ -64,6 +69,7 @@ __all__ = [
     "BROKER_CHOICES",
     "DemoBroker",
     "DemoOptions",
+    "Interrupted",
     "make_releases",
     "run_broker",
     "run_demo",
@@ -114,6 +120,53 @@ class DemoBroker:
         """One line for the user: which broker, where, with which security."""
         version = "5" if self.mqtt_protocol == 5 else "3.1.1"
         return f"{self.name}, MQTT {version} over TLS on 127.0.0.1:{self.port}: {self.security}"
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM stopped the demo before its summary; everything it had started (the
+    devices, the fleet service, the broker) has been stopped."""
+
+    def __init__(self, signum: int) -> None:
+        self.signum = signum
+        super().__init__(f"interrupted by {signal.Signals(signum).name}")
+
+
+class _StopSignals:
+    """What SIGINT and SIGTERM do while the demo runs: raise :class:`Interrupted` (so every
+    context manager cleans up), except that once the demo waits for a person (:meth:`expect`,
+    :meth:`wait`), the first of them only ends that wait."""
+
+    def __init__(self) -> None:
+        self._stopped = threading.Event()
+        self._expected = False
+
+    def handle(self, signum: int, _frame: object) -> None:
+        if self._expected and not self._stopped.is_set():
+            self._stopped.set()
+            return
+        raise Interrupted(signum)
+
+    def expect(self) -> None:
+        """From now on, the first signal ends :meth:`wait` instead of the demo."""
+        self._expected = True
+
+    def wait(self) -> None:
+        """Block until SIGINT (Ctrl-C) or SIGTERM; a later one raises :class:`Interrupted`."""
+        self.expect()
+        self._stopped.wait()
+
+
+@contextmanager
+def _stop_signals() -> Iterator[_StopSignals]:
+    """SIGINT and SIGTERM handled by a :class:`_StopSignals` until the block ends (in the main
+    thread only); the handlers before are restored after."""
+    stop = _StopSignals()
+    previous = {sig: signal.signal(sig, stop.handle) for sig in STOP_SIGNALS}
+    try:
+        yield stop
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def demo_policy(devices: int) -> RolloutOptions:
@@ -189,7 +242,11 @@ def _server_identity(work: Path) -> tuple[Path, Path, Path]:
 def _child_broker(command: list[str], port: int, log_path: Path, what: str) -> Iterator[None]:
     """Run a broker process until the block ends, once it accepts connections on ``port``."""
     log = log_path.open("wb")
-    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+    # In a session of its own, so that a Ctrl-C in the terminal reaches only the demo, which
+    # stops the broker once it is done with it (a halted rollout's devices revert through it).
+    process = subprocess.Popen(
+        command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
     try:
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline and process.poll() is None:
@@ -202,7 +259,11 @@ def _child_broker(command: list[str], port: int, log_path: Path, what: str) -> I
         yield
     finally:
         process.terminate()
-        process.wait(10)
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
         log.close()
 
 
@@ -363,12 +424,12 @@ def run_fleet(
     )
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.1)
-    if not server.started:
-        raise UsageError(f"the fleet service did not start on port {port} (in use?)")
     try:
+        deadline = time.monotonic() + 30
+        while not server.started and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if not server.started:
+            raise UsageError(f"the fleet service did not start on port {port} (in use?)")
         yield f"http://127.0.0.1:{port}"
     finally:
         server.should_exit = True
@@ -462,12 +523,26 @@ def _run_story(client: httpx.Client, sim: Simulation, options: DemoOptions) -> l
                     f"the good release {version} was {summary['state']} by the "
                     f"gates, so the demo cannot go on: {summary['halt_reason']}"
                 )
-    # A halted rollout's devices revert after the halt: report them once they have.
+    return docs
+
+
+def _wait_for_reverts(
+    sim: Simulation, docs: list[dict[str, Any]], say: Callable[[str], object]
+) -> None:
+    """Wait up to :data:`REVERT_WAIT_S` until no device runs a version whose rollout (among
+    ``docs``) was halted: its devices revert after the halt, and the summary reports them once
+    they have (or as they are, after the wait)."""
     halted = {doc["version"] for doc in docs if doc["state"] == "halted"}
+    if not halted & set(_device_versions(sim)):
+        return
+    versions = ", ".join(sorted(halted))
+    say(
+        f"waiting up to {REVERT_WAIT_S:g} s for the devices of the halted {versions} to revert "
+        "(Ctrl-C stops the demo without the summary)"
+    )
     deadline = time.monotonic() + REVERT_WAIT_S
     while halted & set(_device_versions(sim)) and time.monotonic() < deadline:
         time.sleep(0.3)
-    return docs
 
 
 def _console_steps(url: str, token: str, policy: RolloutOptions) -> str:
@@ -488,21 +563,19 @@ def _console_steps(url: str, token: str, policy: RolloutOptions) -> str:
     )
 
 
-def _wait_for_stop() -> None:
-    """Block until SIGINT (Ctrl-C) or SIGTERM; the handlers before are restored after."""
-    stop = threading.Event()
-    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in STOP_SIGNALS}
-    try:
-        stop.wait()
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-
-
 def _rollouts_of_cnn(client: httpx.Client) -> list[dict[str, Any]]:
-    """The status of every rollout of cnn, oldest first."""
+    """The status of every rollout of cnn, oldest first.
+
+    Raises:
+        UsageError: the fleet did not answer with the list.
+    """
     response = client.get("/api/v1/rollouts")
-    response.raise_for_status()
+    if response.is_error:
+        answer = " ".join(response.text.split())[:300] or "(no body)"
+        raise UsageError(
+            f"the fleet answered {response.status_code} {response.reason_phrase} when asked "
+            f"for the rollouts, so the demo has no summary: {answer}"
+        )
     return [doc for doc in reversed(response.json()) if doc["model"] == "cnn"]
 
 
@@ -532,25 +605,35 @@ def _summary(doc: dict[str, Any], events: list[dict[str, Any]]) -> dict[str, Any
 
 
 def run_demo(options: DemoOptions) -> dict[str, Any]:
-    """Run the demo (see the module docstring); return its summary.
+    """Run the demo (see the module docstring); return its summary. Call it from the main
+    thread: it handles SIGINT and SIGTERM until it returns (the handlers before are restored).
 
     Raises:
         UsageError: a bad choice of options, or a step of the story that did not happen.
+        Interrupted: SIGINT or SIGTERM before the summary (what the demo started is stopped).
     """
     if options.rollouts not in ROLLOUT_CHOICES:
         raise UsageError(
             f"--rollouts must be one of {', '.join(ROLLOUT_CHOICES)}, got {options.rollouts!r}"
         )
-    by_hand = options.rollouts == "console"
-    if by_hand and options.headless:
+    if options.rollouts == "console" and options.headless:
         raise UsageError(
             "--headless cannot go with --rollouts console: a person runs the rollouts there"
         )
+    with _stop_signals() as stop:
+        return _run(options, stop)
+
+
+def _run(options: DemoOptions, stop: _StopSignals) -> dict[str, Any]:
+    """:func:`run_demo` once its options are checked, with ``stop`` handling the signals."""
+    by_hand = options.rollouts == "console"
     work = options.work_dir
     if work.exists():
         shutil.rmtree(work)
     work.mkdir(parents=True)
     say: Callable[[str], object] = (lambda _m: None) if options.as_json else console.print
+    # What a person must read: on stderr with --json, which keeps stdout for the summary.
+    tell: Callable[[str], object] = err_console.print if options.as_json else console.print
     say("[bold]edgefleet demo[/]: building the example model and three signed releases")
     keys = make_releases(work)
     os.environ.setdefault(ADMIN_TOKEN_ENV, "demo-admin-" + os.urandom(8).hex())
@@ -558,21 +641,23 @@ def run_demo(options: DemoOptions) -> dict[str, Any]:
     policy = demo_policy(options.devices)
     with start_broker(work, options.broker) as broker:
         say(f"broker: {broker.description}")
-        with run_fleet(
-            work,
-            keys,
-            broker.port,
-            broker.ca_file,
-            options.port,
-            mqtt_protocol=broker.mqtt_protocol,
-            rollout_defaults=policy,
-        ) as url:
+        with (
+            run_fleet(
+                work,
+                keys,
+                broker.port,
+                broker.ca_file,
+                options.port,
+                mqtt_protocol=broker.mqtt_protocol,
+                rollout_defaults=policy,
+            ) as url,
+            httpx.Client(
+                base_url=url, timeout=60, headers={"Authorization": f"Bearer {token}"}
+            ) as client,
+        ):
             say(
                 f"fleet service: console at {url}/ (API docs at {url}/docs); "
                 f"log in with the admin token {token}"
-            )
-            client = httpx.Client(
-                base_url=url, timeout=60, headers={"Authorization": f"Bearer {token}"}
             )
             for version in VERSIONS:
                 bundle = work / "releases" / f"cnn-{version}.bundle"
@@ -610,13 +695,13 @@ def run_demo(options: DemoOptions) -> dict[str, Any]:
                     "the devices to come online",
                 )
                 if by_hand:
-                    # The steps go to stderr with --json, which keeps stdout for the summary.
-                    tell = err_console.print if options.as_json else console.print
+                    stop.expect()  # before the steps: once they are printed, a signal ends the wait
                     tell(_console_steps(url, token, policy))
-                    _wait_for_stop()
+                    stop.wait()
                     docs = _rollouts_of_cnn(client)
                 else:
                     docs = _run_story(client, sim, options)
+                _wait_for_reverts(sim, docs, tell)
                 events = [
                     e for d in devices for e in client.get(f"/api/v1/devices/{d}").json()["events"]
                 ]
@@ -639,8 +724,7 @@ def run_demo(options: DemoOptions) -> dict[str, Any]:
                     )
                 if not (by_hand or options.headless or options.as_json):
                     say(f"running: console at {url}/ , API docs at {url}/docs  (Ctrl-C to stop)")
-                    _wait_for_stop()
+                    stop.wait()
                 return summary
             finally:
                 sim.stop()
-                client.close()

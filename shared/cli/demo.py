@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from shared.cli.common import print_json
+from shared.cli.common import fail, print_json
 
 
 def demo(
@@ -42,23 +42,29 @@ def demo(
     v1 goes to every device, v2 in stages, and a bad v3 in stages, which the gates halt and
     revert. Keeps running until Ctrl-C (or exits with --headless / --json). With --rollouts
     console a person starts the rollouts from the web console, and Ctrl-C ends the demo with
-    the summary.
+    the summary. SIGTERM does what Ctrl-C does; either one before that stops the demo, and
+    what it started, with exit code 128 + the signal's number.
     """
     from shared.errors import UsageError
-    from simulators.demo import DemoOptions, run_demo
+    from simulators.demo import DemoOptions, Interrupted, run_demo
 
     if devices < 1:
         raise UsageError(f"--devices must be at least 1, got {devices}")
-    summary = run_demo(
-        DemoOptions(
-            work_dir=work_dir,
-            devices=devices,
-            headless=headless,
-            as_json=as_json,
-            port=port,
-            broker=broker,
-            rollouts=rollouts,
+    try:
+        summary = run_demo(
+            DemoOptions(
+                work_dir=work_dir,
+                devices=devices,
+                headless=headless,
+                as_json=as_json,
+                port=port,
+                broker=broker,
+                rollouts=rollouts,
+            )
         )
-    )
+    except Interrupted as e:
+        # One line, like any interrupted command (shared.cli.main), with the shell's exit code
+        # for the signal: 130 for SIGINT, 143 for SIGTERM.
+        fail(f"{e}: the demo and everything it started have stopped", code=128 + e.signum)
     if as_json:
         print_json(summary)

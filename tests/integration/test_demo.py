@@ -1,17 +1,29 @@
-"""``edgefleet demo --json``: the README's main job, run as a user runs it, with each broker."""
+"""``edgefleet demo --json``: the README's main job, run as a user runs it, with each broker;
+and how the demo stops on SIGINT or SIGTERM."""
 
 from __future__ import annotations
 
 import json
+import os
+import signal
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
+import httpx
 import pytest
 
 import simulators.demo
 from shared.errors import UsageError
-from simulators.demo import start_broker
+from simulators.demo import (
+    Interrupted,
+    _rollouts_of_cnn,
+    _stop_signals,
+    find_mosquitto,
+    start_broker,
+)
+from tests.polling import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -24,7 +36,7 @@ def free_port() -> int:
 
 # mosquitto: MQTT 5, shared subscriptions. embedded: amqtt, MQTT 3.1.1 (about 30 s).
 @pytest.mark.parametrize(("broker", "mqtt_protocol"), [("mosquitto", 5), ("embedded", 311)])
-def test_demo_tells_the_whole_story(tmp_path, broker, mqtt_protocol):
+def test_demo_tells_the_whole_story(tmp_path: Path, broker: str, mqtt_protocol: int) -> None:
     proc = subprocess.run(
         [
             sys.executable,
@@ -69,7 +81,9 @@ def test_demo_tells_the_whole_story(tmp_path, broker, mqtt_protocol):
     assert summary["device_versions"] == {"2.0.0": 12}
 
 
-def test_without_mosquitto_the_demo_runs_the_embedded_broker(tmp_path, monkeypatch):
+def test_without_mosquitto_the_demo_runs_the_embedded_broker(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr(simulators.demo, "find_mosquitto", lambda: None)
     with start_broker(tmp_path, "auto") as broker:
         assert broker.kind == "embedded"
@@ -79,9 +93,88 @@ def test_without_mosquitto_the_demo_runs_the_embedded_broker(tmp_path, monkeypat
             pass
 
 
-def test_an_unknown_broker_is_refused(tmp_path):
+def test_an_unknown_broker_is_refused(tmp_path: Path) -> None:
     with (
         pytest.raises(UsageError, match="--broker must be one of auto, mosquitto, embedded"),
         start_broker(tmp_path, "rabbitmq"),
     ):
         pass
+
+
+def _processes_under(directory: Path) -> list[int]:
+    """The processes with an argument under ``directory`` (e.g. a broker's config file)."""
+    pids = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            args = cmdline.read_bytes().split(b"\0")
+        except OSError:
+            continue  # it ended meanwhile
+        if any(arg.startswith(os.fsencode(directory)) for arg in args):
+            pids.append(int(cmdline.parent.name))
+    return pids
+
+
+# The first line comes while the demo builds its releases; "broker:" once mosquitto runs.
+@pytest.mark.parametrize("line", ["edgefleet demo:", "broker:"])
+@pytest.mark.skipif(find_mosquitto() is None, reason="needs mosquitto")
+def test_sigterm_during_the_set_up_stops_the_demo_and_its_broker(tmp_path: Path, line: str) -> None:
+    work = tmp_path / "demo"
+    stdout, stderr = tmp_path / "demo.out", tmp_path / "demo.err"
+    command = [
+        sys.executable,
+        "-m",
+        "shared.cli.main",
+        "demo",
+        *("--rollouts", "console", "--broker", "mosquitto", "--devices", "3"),
+        *("--port", str(free_port()), "--work-dir", str(work)),
+    ]
+    with stdout.open("wb") as out, stderr.open("wb") as err:
+        process = subprocess.Popen(
+            command, stdout=out, stderr=err, env={**os.environ, "PYTHONUNBUFFERED": "1"}
+        )
+    try:
+        wait_until(lambda: line in stdout.read_text(), what=f"the line {line!r}", timeout=120)
+        if line == "broker:":
+            assert _processes_under(work / "broker"), "mosquitto is not running"
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=60) == 128 + signal.SIGTERM
+        message = stderr.read_text()
+        assert message.splitlines() == [
+            "error: interrupted by SIGTERM: the demo and everything it started have stopped"
+        ], message
+        assert _processes_under(work / "broker") == []
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(30)
+        for pid in _processes_under(work / "broker"):
+            os.kill(pid, signal.SIGKILL)  # what a failed test left running
+
+
+def test_a_stop_signal_ends_the_wait_and_a_second_one_the_demo() -> None:
+    previous = signal.getsignal(signal.SIGTERM)
+    with _stop_signals() as stop:
+        with pytest.raises(Interrupted, match="interrupted by SIGTERM"):
+            os.kill(os.getpid(), signal.SIGTERM)  # before the wait: the demo stops
+        stop.expect()
+        os.kill(os.getpid(), signal.SIGINT)
+        stop.wait()  # ended by the signal
+        with pytest.raises(Interrupted, match="interrupted by SIGINT") as raised:
+            os.kill(os.getpid(), signal.SIGINT)
+        assert raised.value.signum == signal.SIGINT
+    assert signal.getsignal(signal.SIGTERM) == previous
+
+
+def test_an_http_error_listing_the_rollouts_is_one_line() -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(503, text="database\nunavailable")
+
+    with (
+        httpx.Client(transport=httpx.MockTransport(handler), base_url="http://fleet") as client,
+        pytest.raises(
+            UsageError,
+            match=r"^the fleet answered 503 Service Unavailable when asked for the rollouts, "
+            r"so the demo has no summary: database unavailable$",
+        ),
+    ):
+        _rollouts_of_cnn(client)
