@@ -38,7 +38,6 @@ from shared.errors import ContainerError, ManifestError
 from shared.jsonsafe import load_json
 
 __all__ = [
-    "MANIFEST_NAME",
     "InstalledArtifact",
     "InstalledFile",
     "InstalledManifest",

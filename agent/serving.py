@@ -15,13 +15,14 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from agent.config import AgentSettings
-from agent.installed import MANIFEST_NAME, InstalledManifest
+from agent.installed import InstalledManifest
 from agent.platform import DevicePlatform
 from agent.runtimes.cache import DecisionCache
 from agent.runtimes.probe import cached_decision, probe_model
 from agent.runtimes.runner import ModelRunner, probe_feeds
 from agent.runtimes.selection import Decision
 from agent.store import ModelStore
+from shared.bundle_format import MANIFEST_NAME
 from shared.errors import EdgefleetError
 
 if TYPE_CHECKING:

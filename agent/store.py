@@ -38,7 +38,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from agent.installed import MANIFEST_NAME, InstalledManifest, parse_installed_manifest
+from agent.installed import InstalledManifest, parse_installed_manifest
+from shared.bundle_format import MANIFEST_NAME
 from shared.errors import EdgefleetError, RollbackError
 
 if TYPE_CHECKING:

@@ -37,8 +37,8 @@ Measured:
   every 0.2 s from outside: when it started, when its devices had all succeeded, and when its
   gate passed (the next stage started);
 - during the staged rollout: the CPU of the simulation, the fleet service and the broker, and
-  how busy the machine's cores were (near 100%: the rollout is CPU-bound); the fleet service's
-  peak memory;
+  how busy the machine's cores were (near 100%: the rollout is CPU-bound); and the fleet
+  service's peak memory over the whole run;
 - **each device's phases**: from the deployment events of 200 devices, p50 and p90 of the time
   from the order's arrival to the download, the download, the checks, the self-test and the
   probation (a device holds one of the in-flight slots for all of it);
@@ -846,6 +846,14 @@ def machine_info() -> dict[str, Any]:
     )
 
 
+def _seconds(value: float | None) -> str:
+    return "not measured" if value is None else f"{value} s"
+
+
+def _share(value: float | None) -> str:
+    return "(not measured)" if value is None else f"{value:.0%}"
+
+
 def print_report(report: dict[str, Any]) -> None:
     m, start, raw, v1, v2 = (report[k] for k in ("machine", "start", "raw", "v1", "v2"))
     print(f"command: {report['command']}")
@@ -876,8 +884,8 @@ def print_report(report: dict[str, Any]) -> None:
         f"{report['max_in_flight']}: {v2['state']} in {v2['seconds']} s; fleet sent "
         f"{v2['fleet_sent_mb']} MB; simulation CPU {v2['simulation_cpu_s']} s, "
         f"fleet service CPU {v2['fleet_cpu_s']} s (peak memory {v2['fleet_peak_rss_mb']} MB), "
-        f"broker CPU {v2['broker_cpu_s']} s; "
-        f"the machine's cores were {v2['machine_busy']:.0%} busy"
+        f"broker CPU {_seconds(v2['broker_cpu_s'])}; "
+        f"the machine's cores were {_share(v2['machine_busy'])} busy"
     )
     phases = v2["phases_s"]
     print(

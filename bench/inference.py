@@ -130,7 +130,7 @@ def _load_runner(data_dir: Path, model: str) -> tuple[Any, Any, Path]:
     from agent.runtimes.probe import probe_model
     from agent.runtimes.runner import ModelRunner
     from agent.store import ModelStore
-    from shared.bundle import MANIFEST_NAME
+    from shared.bundle_format import MANIFEST_NAME
 
     store = ModelStore(data_dir)
     version = store.current(model)

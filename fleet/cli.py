@@ -130,6 +130,14 @@ def _client(fleet: str | None) -> Any:
     )
 
 
+def _field_problem(problem: dict[str, Any]) -> str:
+    """One line for one of FastAPI's field errors: ``soak_s: Input should be ..., got -1``."""
+    field = ".".join(map(str, problem.get("loc", ())[1:])) or "the request"
+    if problem.get("type") == "missing":  # what arrived is the whole body: not worth quoting
+        return f"{field}: {problem.get('msg')}"
+    return f"{field}: {problem.get('msg')}, got {problem.get('input')!r}"
+
+
 def _check(response: Any) -> Any:
     if response.status_code >= 400:
         try:
@@ -137,12 +145,7 @@ def _check(response: Any) -> Any:
         except ValueError:
             detail = response.text
         if isinstance(detail, list):  # the request's shape: one problem per field
-            detail = "; ".join(
-                f"{'.'.join(map(str, p.get('loc', ())[1:]))}: {p.get('msg')}, "
-                f"got {p.get('input')!r}"
-                for p in detail
-                if isinstance(p, dict)
-            )
+            detail = "; ".join(_field_problem(p) for p in detail if isinstance(p, dict))
         raise UsageError(f"the fleet refused: {response.status_code} {detail}")
     return response.json()
 

@@ -61,7 +61,7 @@ class FleetSettings(BaseSettings):
 
     @field_validator("rollout_defaults")
     @classmethod
-    def _plan(cls, value: RolloutOptions) -> RolloutOptions:
+    def _engine_accepts_defaults(cls, value: RolloutOptions) -> RolloutOptions:
         # what the engine checks across fields (the last stage is 100%), checked at start-up
         value.engine_plan(
             rollout_id="defaults", model="m", version="2", previous_version="1", salt="s"

@@ -28,21 +28,18 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from shared.bundle_format import (
-    DTYPES,
     FORMAT_NAME,
     FORMAT_VERSION,
     MANIFEST_MAX_BYTES,
-    PRECISIONS,
+    Dtype,
+    Precision,
 )
 from shared.container import check_relative_path
 from shared.errors import ContainerError, ManifestError
 from shared.jsonsafe import load_json
 
 __all__ = [
-    "FORMAT_NAME",
-    "FORMAT_VERSION",
     "KNOWN_FORMATS",
-    "MANIFEST_MAX_BYTES",
     "AccuracyBudget",
     "Artifact",
     "FileEntry",
@@ -76,7 +73,7 @@ class TensorSpec(_Value):
     """One input or output tensor. ``-1`` in ``shape`` is a dynamic dimension (e.g. batch)."""
 
     name: str = Field(min_length=1, max_length=128)
-    dtype: Literal[DTYPES]  # type: ignore[valid-type]
+    dtype: Dtype
     shape: list[int] = Field(max_length=8)
     layout: str | None = Field(default=None, max_length=16)
 
@@ -92,7 +89,7 @@ class Artifact(_Value):
     """The model in one format and precision; ``files[0]`` is the file a runtime loads."""
 
     format: str = Field(min_length=1, max_length=32)
-    precision: Literal[PRECISIONS] = "fp32"  # type: ignore[valid-type]
+    precision: Precision = "fp32"
     files: list[str] = Field(min_length=1, max_length=64)
 
     _paths = field_validator("files")(lambda cls, v: [_safe_path(p) for p in v])

@@ -43,7 +43,7 @@ from agent.platform import DevicePlatform
 from agent.runtimes.base import ArtifactRef, Backend, Candidate, RuntimeLoadError, RuntimeStatus
 from agent.runtimes.inventory import Accelerator, CpuInfo, Inventory
 from agent.runtimes.trial import TrialSettings
-from shared.bundle import MANIFEST_NAME
+from shared.bundle_format import MANIFEST_NAME
 from shared.errors import EdgefleetError, UsageError
 from shared.manifest import Artifact, Manifest, parse_manifest
 

@@ -10,6 +10,7 @@ directories and the rollout's stored state, not from logs.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Iterator
 from typing import Any
@@ -69,6 +70,7 @@ class World:
             lambda: (s := self.status(rollout_id))["state"] in states and s,
             what=f"rollout {rollout_id} to be {' or '.join(states)}",
             timeout=WAIT_S,
+            every=0.5,
         )
 
     def engine_state(self, rollout_id: str) -> Any:
@@ -93,7 +95,9 @@ class World:
 def world(tmp_path_factory: pytest.TempPathFactory, postgres_url: str) -> Iterator[World]:
     work = tmp_path_factory.mktemp("sim-e2e")
     keys = make_releases(work)
-    with pytest.MonkeyPatch.context() as patch:
+    with contextlib.ExitStack() as cleanup:
+        cleanup.callback(empty_schema, postgres_url)  # last: after the fleet has stopped
+        patch = cleanup.enter_context(pytest.MonkeyPatch.context())
         patch.setenv("EDGEFLEET_ADMIN_TOKEN", TOKEN)  # the fleet's admin token
         with (
             run_broker(work) as (broker_port, ca),
@@ -128,7 +132,6 @@ def world(tmp_path_factory: pytest.TempPathFactory, postgres_url: str) -> Iterat
                 sim.stop()
                 api.close()
                 world.engine.dispose()
-    empty_schema(postgres_url)
 
 
 def online(world: World) -> int:
@@ -136,7 +139,9 @@ def online(world: World) -> int:
 
 
 def test_v1_reaches_every_device(world: World) -> None:
-    wait_until(lambda: online(world) == DEVICES, what="every device online", timeout=WAIT_S)
+    wait_until(
+        lambda: online(world) == DEVICES, what="every device online", timeout=WAIT_S, every=0.5
+    )
     done = world.wait(world.rollout("1.0.0", [100]), ("completed", "halted", "paused"))
     assert done["state"] == "completed", done["decisions"]
     assert set(world.versions().values()) == {"1.0.0"}
@@ -151,6 +156,7 @@ def test_staged_rollout_with_devices_offline_and_enrolling_midway(world: World) 
         lambda: online(world) == DEVICES - len(asleep),
         what="the sleeping devices offline",
         timeout=WAIT_S,
+        every=0.5,
     )
     rollout_id = world.rollout("2.0.0", [10, 50, 100], max_p95_ratio=MAX_P95_RATIO)
     # Mid-rollout, once the first stage has passed, five new devices enroll.
@@ -175,6 +181,7 @@ def test_staged_rollout_with_devices_offline_and_enrolling_midway(world: World) 
         lambda: set(world.versions().values()) == {"2.0.0"},
         what="every device on 2.0.0 by its own data",
         timeout=WAIT_S,
+        every=0.5,
     )
     assert len(world.versions()) == DEVICES + len(newcomers)
 
@@ -195,6 +202,7 @@ def test_bad_model_is_halted_at_its_first_stage_and_reverted(world: World) -> No
         lambda: set(world.versions().values()) == {"2.0.0"},
         what="every device on 2.0.0 by its own data",
         timeout=WAIT_S,
+        every=0.5,
     )
     broke = {did for did, p in progress.items() if p.failure_class == "self_test"}
     assert broke, "the arm-npu devices of the first stage refused v3 in their self-test"

@@ -40,7 +40,9 @@ function gatesText(plan, previousVersion) {
   const g = plan.gates;
   const pct = (v) => (v === null ? "off" : `${+(v * 100).toFixed(2)}%`);
   // The engine turns the latency check off when there is no earlier version to compare with.
-  const p95 = g.max_p95_ratio === null || previousVersion ? `≤ ${g.max_p95_ratio === null ? "off" : g.max_p95_ratio}` : "off (no earlier version to compare with)";
+  let p95 = `≤ ${g.max_p95_ratio}`;
+  if (g.max_p95_ratio === null) p95 = "off";
+  else if (!previousVersion) p95 = "off (no earlier version to compare with)";
   return [
     `install success ≥ ${pct(g.min_install_success)}`,
     `crash rate ≤ ${pct(g.max_crash_rate)}`,
