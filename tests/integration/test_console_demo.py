@@ -17,11 +17,9 @@ long a step took.
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
 import subprocess
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +30,7 @@ from playwright.sync_api import Browser, Page, expect
 
 from tests.integration.conftest import free_port
 from tests.integration.console_helpers import chromium, log_in, new_page, shoot, show
+from tests.integration.test_demo import start_demo
 from tests.polling import wait_until
 
 pytestmark = pytest.mark.integration
@@ -80,19 +79,12 @@ class Demo:
 @pytest.fixture
 def demo(tmp_path: Path) -> Iterator[Demo]:
     port = free_port()
-    stdout, stderr = tmp_path / "demo.out", tmp_path / "demo.err"
-    command = [
-        sys.executable,
-        "-m",
-        "shared.cli.main",
-        "demo",
+    process, stdout, stderr = start_demo(
+        tmp_path,
         *("--rollouts", "console", "--json", "--devices", str(DEVICES)),
         *("--port", str(port), "--work-dir", str(tmp_path / "demo")),
-    ]
-    with stdout.open("wb") as out, stderr.open("wb") as err:
-        process = subprocess.Popen(
-            command, stdout=out, stderr=err, env={**os.environ, "EDGEFLEET_ADMIN_TOKEN": ADMIN}
-        )
+        env={"EDGEFLEET_ADMIN_TOKEN": ADMIN},
+    )
     url = f"http://127.0.0.1:{port}"
     api = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {ADMIN}"}, timeout=60)
     demo = Demo(process, url, api, stdout, stderr)

@@ -20,18 +20,29 @@ from simulators.demo import (
     Interrupted,
     _rollouts_of_cnn,
     _stop_signals,
-    find_mosquitto,
     start_broker,
 )
+from tests.integration.conftest import free_port
 from tests.polling import wait_until
 
 pytestmark = pytest.mark.integration
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+def start_demo(
+    tmp_path: Path, *options: str, env: dict[str, str] | None = None
+) -> tuple[subprocess.Popen[bytes], Path, Path]:
+    """``edgefleet demo OPTIONS`` as a child process, its output in files: (process, stdout,
+    stderr). Unbuffered, so a test can wait for a line."""
+    stdout, stderr = tmp_path / "demo.out", tmp_path / "demo.err"
+    command = [sys.executable, "-m", "shared.cli.main", "demo", *options]
+    with stdout.open("wb") as out, stderr.open("wb") as err:
+        process = subprocess.Popen(
+            command,
+            stdout=out,
+            stderr=err,
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+        )
+    return process, stdout, stderr
 
 
 # mosquitto: MQTT 5, shared subscriptions. embedded: amqtt, MQTT 3.1.1 (about 30 s).
@@ -116,22 +127,13 @@ def _processes_under(directory: Path) -> list[int]:
 
 # The first line comes while the demo builds its releases; "broker:" once mosquitto runs.
 @pytest.mark.parametrize("line", ["edgefleet demo:", "broker:"])
-@pytest.mark.skipif(find_mosquitto() is None, reason="needs mosquitto")
 def test_sigterm_during_the_set_up_stops_the_demo_and_its_broker(tmp_path: Path, line: str) -> None:
     work = tmp_path / "demo"
-    stdout, stderr = tmp_path / "demo.out", tmp_path / "demo.err"
-    command = [
-        sys.executable,
-        "-m",
-        "shared.cli.main",
-        "demo",
+    process, stdout, stderr = start_demo(
+        tmp_path,
         *("--rollouts", "console", "--broker", "mosquitto", "--devices", "3"),
         *("--port", str(free_port()), "--work-dir", str(work)),
-    ]
-    with stdout.open("wb") as out, stderr.open("wb") as err:
-        process = subprocess.Popen(
-            command, stdout=out, stderr=err, env={**os.environ, "PYTHONUNBUFFERED": "1"}
-        )
+    )
     try:
         wait_until(lambda: line in stdout.read_text(), what=f"the line {line!r}", timeout=120)
         if line == "broker:":
