@@ -364,15 +364,19 @@ def measure_raw(
 # -- the fleet, seen through its API -------------------------------------------------------------
 
 
-def count_online(client: Any) -> int:
-    """Devices the fleet lists online, following the device list's pages."""
-    online, url = 0, "/api/v1/devices?online=true&limit=1000"
+def list_devices(client: Any, query: str = "") -> list[dict[str, Any]]:
+    """The fleet's device list (``query``: its filters), following its pages."""
+    devices, url = [], f"/api/v1/devices?limit=1000{query}"
     while url:
         response = client.get(url)
         response.raise_for_status()
-        online += len(response.json())
+        devices += response.json()
         url = response.links.get("next", {}).get("url", "")
-    return online
+    return devices
+
+
+def count_online(client: Any) -> int:
+    return len(list_devices(client, "&online=true"))
 
 
 def wait_for(check: Any, timeout: float, what: str) -> Any:
@@ -475,12 +479,7 @@ def phase_times(client: Any, version: str, sample: int = 200) -> dict[str, Any]:
     A device holds one of the rollout's in-flight slots from its order to ``committed``; this
     says which part of that time is the download, the checks and self-test, or probation.
     """
-    ids, url = [], "/api/v1/devices?limit=1000"
-    while url:
-        response = client.get(url)
-        response.raise_for_status()
-        ids += [d["id"] for d in response.json()]
-        url = response.links.get("next", {}).get("url", "")
+    ids = [d["id"] for d in list_devices(client)]
     step = max(1, len(ids) // sample)
     gaps: dict[str, list[float]] = {}
     for device_id in ids[::step][:sample]:
